@@ -1,0 +1,255 @@
+"""The contract between an algorithm and the runtime that carries its messages.
+
+An algorithm is two halves that never share memory:
+
+* a **server half**: ``server_round(comm)``, one coroutine per round, written with the
+  collective primitives of :class:`ServerComm` (broadcast, gather until a deadline, send
+  to one). A multi-phase round (PowerSGD's P then Q, FeDLRT's basis / augmentation /
+  coefficients) is several primitives in one coroutine, so it reads like the paper;
+* a **client half**: plain functions ``handler(ctx, payload) -> Payload | None`` keyed by
+  message kind. A handler's reply is gathered by the server under the same kind.
+
+Everything here is pure torch. An algorithm never learns whether it runs in virtual or
+real time, over inproc or tcp: the runtime (``fedsim``) provides ``ServerComm`` and
+``ClientContext``; tests provide fakes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Protocol
+
+import torch
+from torch import nn
+
+Params = dict[str, torch.Tensor]
+"""Named parameters in the order of ``model.named_parameters()``."""
+
+
+class ConfigError(ValueError):
+    """A bad algorithm setting. ``key`` is the scenario key (``algorithm.<key>``)."""
+
+    def __init__(self, key: str, value: Any, reason: str):
+        self.key, self.value, self.reason = key, value, reason
+        super().__init__(f"algorithm.{key} = {value!r}: {reason}")
+
+
+class ProtocolError(ValueError):
+    """A message an algorithm cannot apply (wrong shape, unknown field, NaN ...)."""
+
+
+@dataclass
+class Payload:
+    """What one message of an algorithm carries.
+
+    tensors:       named tensors, each sent as its own ZeroMQ frame (already bit-packed
+                   where the method quantizes: a ``uint8`` tensor of packed codes).
+    meta:          small msgpack-able values (ints, floats, strings, lists, dicts).
+    payload_bits:  the size of this message by the method's own formula, in **bits**
+                   (what its paper counts); the runtime also measures the real wire bytes.
+    version:       the state version this payload was computed against. ``None`` in a
+                   client reply means "the version of the request it answers".
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    payload_bits: int = 0
+    version: int | None = None
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Raw bytes of all tensors (what travels in frames), in bytes."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
+class Reply:
+    """A client's answer as the server receives it."""
+
+    client: int
+    payload: Payload
+    version: int
+
+
+class ServerComm(Protocol):
+    """Collective primitives the runtime gives a server round."""
+
+    round: int
+    """The round number, from 0."""
+    participants: list[int]
+    """Clients selected for this round, sorted by id."""
+
+    async def broadcast(
+        self,
+        kind: str,
+        payload: Payload | Callable[[int], Payload],
+        *,
+        version: int,
+        to: list[int] | None = None,
+    ) -> None:
+        """Send ``payload`` (or ``payload(client)``) to ``to`` (default: participants)."""
+
+    async def gather(
+        self,
+        kind: str,
+        *,
+        version: int | None = None,
+        clients: list[int] | None = None,
+        deadline_s: float | None = None,
+    ) -> dict[int, Reply]:
+        """Collect replies of ``kind`` from ``clients`` (default: those broadcast to).
+
+        Returns when every expected client answered or ``deadline_s`` seconds (simulated
+        or wall, whichever clock runs) passed. With ``version`` set, a reply computed
+        against another version is rejected and counted, never returned. The dict is in
+        client-id order so that aggregation does not depend on arrival order.
+        """
+
+    async def send(self, client: int, kind: str, payload: Payload, *, version: int) -> None:
+        """Send one message to one client."""
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to a named counter (appears in summary.json)."""
+
+    def log(self, event: str, **fields: Any) -> None:
+        """Append an event to the run's event log."""
+
+
+class ClientContext(Protocol):
+    """What a client handler may use. One per (client, message)."""
+
+    client_id: int
+    round: int
+    model: nn.Module
+    """The architecture, shared by all clients of a process: call it with
+    ``torch.func.functional_call(model, params, x)``; never keep state in it."""
+    x: torch.Tensor
+    y: torch.Tensor
+    """This client's local training data."""
+    generator: torch.Generator
+    """Seeded from (run seed, client id, round): the only randomness a handler uses."""
+    state: dict[str, Any]
+    """This client's memory across rounds (error feedback, quantizer state ...).
+    A crash empties it; handlers must then resynchronise with the server."""
+
+    def charge(self, samples: int, factor: float = 1.0) -> None:
+        """Charge compute for ``samples`` forward+backward passes (times ``factor``)."""
+
+
+Handler = Callable[[ClientContext, Payload], "Payload | None"]
+
+
+class Algorithm(ABC):
+    """Base class of every method. Subclasses set ``name`` and ``Config``."""
+
+    name: ClassVar[str]
+    stateful: ClassVar[bool] = False
+    """True when client and server mirror state (the property tests then cover it)."""
+
+    @dataclass
+    class Config:
+        """Settings under ``[algorithm]``; subclasses extend it. Units in field docs."""
+
+        lr: float = 0.1
+        """Learning rate (server step for gradient methods, client step for local ones)."""
+        client_fraction: float = 1.0
+        """Fraction of clients selected each round."""
+
+        def __post_init__(self) -> None:
+            check(self.lr > 0, "lr", self.lr, "must be > 0")
+            check(0 < self.client_fraction <= 1, "client_fraction", self.client_fraction, "must be in (0, 1]")
+
+    def __init__(self, config: "Algorithm.Config", model: nn.Module):
+        # One instance serves both halves in a single process. Client handlers may read
+        # self.config and the shapes of self.params, never the server's values: in a
+        # deployment each process has its own instance.
+        self.config = config
+        self.model = model
+        self.params: Params = {k: v.detach().clone() for k, v in model.named_parameters()}
+
+    @abstractmethod
+    async def server_round(self, comm: ServerComm) -> None:
+        """Run one round: the paper's server pseudo-code, step by step."""
+
+    @abstractmethod
+    def client_handlers(self) -> Mapping[str, Handler]:
+        """Message kind -> client handler."""
+
+    def check_reply(self, kind: str, payload: Payload) -> None:
+        """Validate a client's reply before the server uses it; raise :class:`ProtocolError`.
+
+        The runtime calls this inside ``gather``: a reply that fails is rejected with a
+        logged, counted reason and never reaches ``server_round``. Override per method.
+        """
+
+    def model_params(self) -> Params:
+        """Dense parameters of the current global model (for evaluation and hashing)."""
+        return self.params
+
+    def client_digest(self, state: dict[str, Any]) -> bytes:
+        """Digest of the state a client shares with the server (stateful methods)."""
+        return state_digest(state)
+
+    def server_digest(self, client: int) -> bytes:
+        """Digest of the server's mirror of one client's shared state."""
+        return state_digest({})
+
+    @classmethod
+    def make_config(cls, values: Mapping[str, Any]) -> "Algorithm.Config":
+        """Build the config from scenario values, naming an unknown key."""
+        names = {f.name for f in dataclasses.fields(cls.Config)}
+        for key in values:
+            if key not in names:
+                raise ConfigError(key, values[key], f"unknown key for algorithm '{cls.name}' (known: {', '.join(sorted(names))})")
+        return cls.Config(**values)
+
+
+def check(ok: bool, key: str, value: Any, reason: str) -> None:
+    """Raise :class:`ConfigError` unless ``ok``."""
+    if not ok:
+        raise ConfigError(key, value, reason)
+
+
+def state_digest(state: Mapping[str, Any]) -> bytes:
+    """A byte digest of tensors (and scalars) in a mapping, independent of insertion order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key]
+        h.update(key.encode())
+        if isinstance(value, torch.Tensor):
+            t = value.detach().contiguous().cpu()
+            h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(value, Mapping):
+            h.update(state_digest(value))
+        else:
+            h.update(repr(value).encode())
+    return h.digest()
+
+
+def params_digest(params: Params) -> str:
+    """Hex sha256 of parameters' bytes in name order (the run's ``model_sha256``)."""
+    return state_digest(params).hex()
+
+
+_REGISTRY: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator: make a method reachable as ``[algorithm] name = "<cls.name>"``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"algorithm name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    if name not in _REGISTRY:
+        raise ConfigError("name", name, f"unknown algorithm (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[name]
+
+
+def algorithm_names() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,66 @@
+"""Federated Averaging (McMahan et al., 2017): local epochs, model deltas averaged.
+
+Round k:
+  1. server broadcasts w_k (32 bits per value);
+  2. client i runs ``local_epochs`` of minibatch SGD (``lr``, ``batch_size``) from w_k and
+     uploads its delta d_i = w_i - w_k (32 bits per value);
+  3. server sets w_{k+1} = w_k + server_lr * sum_i (n_i / n) d_i, in client-id order,
+     with n_i the client's sample count.
+
+payload_bits: 32 * (number of parameters), each direction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Algorithm, Payload, ProtocolError, check, register
+from .common import check_like, dense_bits, local_sgd, weighted_mean
+
+
+@register
+class FedAvg(Algorithm):
+    name = "fedavg"
+
+    @dataclass
+    class Config(Algorithm.Config):
+        local_epochs: int = 1
+        """Passes over the local data per round."""
+        batch_size: int = 32
+        """Local minibatch size (samples)."""
+        server_lr: float = 1.0
+        """Step applied to the averaged delta at the server."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check(self.local_epochs >= 1, "local_epochs", self.local_epochs, "must be >= 1")
+            check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+            check(self.server_lr > 0, "server_lr", self.server_lr, "must be > 0")
+
+    async def server_round(self, comm) -> None:
+        version = comm.round
+        await comm.broadcast("model", Payload(tensors=self.params, payload_bits=dense_bits(self.params)), version=version)
+        replies = await comm.gather("model", version=version)
+        if not replies:
+            return
+        weights = [float(r.payload.meta["samples"]) for r in replies.values()]
+        for name in self.params:
+            mean = weighted_mean([r.payload.tensors[name] for r in replies.values()], weights)
+            self.params[name] = self.params[name] + self.config.server_lr * mean
+
+    def client_handlers(self):
+        return {"model": self.on_model}
+
+    def on_model(self, ctx, payload: Payload) -> Payload:
+        check_like(payload, self.params, "fedavg model")
+        cfg = self.config
+        trained, seen = local_sgd(ctx.model, payload.tensors, ctx.x, ctx.y, lr=cfg.lr, epochs=cfg.local_epochs,
+                                  batch_size=cfg.batch_size, generator=ctx.generator)
+        ctx.charge(seen)
+        delta = {k: trained[k] - payload.tensors[k] for k in trained}
+        return Payload(tensors=delta, meta={"samples": len(ctx.x)}, payload_bits=dense_bits(delta))
+
+    def check_reply(self, kind: str, payload: Payload) -> None:
+        check_like(payload, self.params, "fedavg delta")
+        samples = payload.meta.get("samples")
+        if not isinstance(samples, int) or samples < 1:
+            raise ProtocolError(f"fedavg delta: meta.samples must be a positive int, got {samples!r}")

@@ -1,0 +1,52 @@
+"""Standard (uncompressed) distributed SGD: the baseline of the QRR and LQ-SGD papers.
+
+Round k:
+  1. server broadcasts the model w_k (32 bits per value);
+  2. each client computes a minibatch gradient g_i at w_k and uploads it (32 bits per value);
+  3. server steps w_{k+1} = w_k - lr * mean_i g_i, summing in client-id order.
+
+payload_bits: 32 * (number of parameters), each direction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Algorithm, Payload, check, register
+from .common import check_like, dense_bits, loss_and_grad, sample_batch, weighted_mean
+
+
+@register
+class SGD(Algorithm):
+    name = "sgd"
+
+    @dataclass
+    class Config(Algorithm.Config):
+        batch_size: int = 32
+        """Minibatch size (samples) of each client's gradient."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+
+    async def server_round(self, comm) -> None:
+        version = comm.round
+        await comm.broadcast("model", Payload(tensors=self.params, payload_bits=dense_bits(self.params)), version=version)
+        replies = await comm.gather("model", version=version)
+        if not replies:
+            return
+        for name in self.params:
+            mean = weighted_mean([r.payload.tensors[name] for r in replies.values()], [1.0] * len(replies))
+            self.params[name] = self.params[name] - self.config.lr * mean
+
+    def client_handlers(self):
+        return {"model": self.on_model}
+
+    def on_model(self, ctx, payload: Payload) -> Payload:
+        check_like(payload, self.params, "sgd model")
+        idx = sample_batch(len(ctx.x), self.config.batch_size, ctx.generator)
+        _, grads = loss_and_grad(ctx.model, payload.tensors, ctx.x[idx], ctx.y[idx])
+        ctx.charge(len(idx))
+        return Payload(tensors=grads, payload_bits=dense_bits(grads))
+
+    def check_reply(self, kind: str, payload: Payload) -> None:
+        check_like(payload, self.params, "sgd gradient")
