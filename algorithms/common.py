@@ -16,7 +16,7 @@ def loss_and_grad(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Te
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     loss = F.cross_entropy(functional_call(model, leaves, (x,)), y)
     grads = torch.autograd.grad(loss, list(leaves.values()))
-    return float(loss), dict(zip(leaves.keys(), grads))
+    return float(loss.detach()), dict(zip(leaves.keys(), grads))
 
 
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -1,0 +1,19 @@
+"""Error types of the runtime. Each names what was wrong so a user can fix it."""
+from __future__ import annotations
+
+from typing import Any
+
+
+class ScenarioError(ValueError):
+    """A bad scenario: names the dotted key, the value, and (when known) the file line."""
+
+    def __init__(self, key: str, value: Any, reason: str, line: int | None = None, source: str | None = None):
+        self.key, self.value, self.reason, self.line, self.source = key, value, reason, line, source
+        where = ""
+        if source:
+            where = f"{source}:{line}: " if line else f"{source}: "
+        super().__init__(f"{where}{key} = {value!r}: {reason}")
+
+
+class DataError(RuntimeError):
+    """A data set that cannot be loaded (missing files, with how to get them)."""
