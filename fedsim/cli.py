@@ -1,0 +1,119 @@
+"""``fedsim`` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import DataError, ScenarioError
+
+EPILOG = """examples:
+  fedsim run                                   # the embedded default: digits, 20 clients, fedavg
+  fedsim run scenarios/lossy_uplink.toml --out runs/lossy
+  fedsim run --set algorithm.name=qrr --set algorithm.bits=8 --set network.uplink=1Mbps
+  fedsim run --set data.dataset=fashion-mnist --set model.hidden=[200] --set run.rounds=50
+
+--set takes the scenario's dotted keys; values parse as TOML values (1, 0.5, [64, 32],
+true, "text"), bare words as strings. Units: bandwidth in bps/kbps/Mbps/Gbps, durations
+in us/ms/s/min/h."""
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from .runner import run
+    from .scenario import load_scenario
+
+    console = Console(stderr=True)
+    try:
+        scenario = load_scenario(args.scenario, args.set or [])
+    except ScenarioError as exc:
+        console.print(f"[red]scenario error:[/red] {exc}")
+        return 2
+    live = sys.stderr.isatty() and not args.quiet
+
+    def line(m, total):
+        acc = "-" if m.accuracy is None else f"{m.accuracy:.4f}"
+        print(f"round {m.round + 1}/{total}  acc {acc}  sim {m.sim_time_s:.2f}s  "
+              f"up {_fmt_bytes(m.uplink_bytes)}  down {_fmt_bytes(m.downlink_bytes)}", file=sys.stderr, flush=True)
+
+    try:
+        if live:
+            with Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
+                          TextColumn("acc {task.fields[acc]}  sim {task.fields[sim]}  up {task.fields[up]}  down {task.fields[down]}"),
+                          TimeElapsedColumn(), console=console) as bar:
+                task = bar.add_task("run", total=scenario.run.rounds, acc="-", sim="0s", up="0 B", down="0 B")
+
+                def update(m, total):
+                    bar.update(task, completed=m.round + 1,
+                               acc="-" if m.accuracy is None else f"{m.accuracy:.4f}",
+                               sim=f"{m.sim_time_s:.1f}s", up=_fmt_bytes(m.uplink_bytes), down=_fmt_bytes(m.downlink_bytes))
+                result = run(scenario, args.out, progress=update)
+        else:
+            result = run(scenario, args.out, progress=None if args.quiet else line)
+    except (DataError, ScenarioError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    s = result.summary
+    table = Table(title=f"fedsim · {s['algorithm']} on {s['dataset']} · {s['clients']} clients · seed {s['seed']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    acc = s["final_accuracy"]
+    rows = [
+        ("final accuracy", "-" if acc is None else f"{acc:.4f}"),
+        ("rounds", str(s["rounds"])),
+        ("simulated time", f"{s['sim_time_s']:.2f} s"),
+        ("wall time", f"{s['wall_time_s']:.2f} s"),
+        (f"time to {s['target_accuracy']}", "not reached" if s["time_to_target_s"] is None else f"{s['time_to_target_s']:.2f} s"),
+        ("uplink", _fmt_bytes(s["uplink_bytes"])),
+        ("downlink", _fmt_bytes(s["downlink_bytes"])),
+        ("payload bits (up+down)", f"{s['payload_bits']:,}"),
+        ("model sha256", s["model_sha256"][:16] + "…"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    for k, v in s["counters"].items():
+        table.add_row(f"count: {k}", str(v))
+    Console().print(table)
+    if args.out:
+        console.print(f"results in {Path(args.out)}/ (summary.json, metrics.csv, events.jsonl)")
+    return 0
+
+
+def cmd_scenarios(args: argparse.Namespace) -> int:
+    from .scenario import SCENARIO_DIR
+    for path in sorted(SCENARIO_DIR.glob("*.toml")):
+        first = next((l.lstrip("# ").strip() for l in path.read_text().splitlines() if l.startswith("#")), "")
+        print(f"{path.name:28s} {first}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedsim", description="Federated learning on a realistic, scriptable network.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run a scenario (default: the embedded digits scenario)", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", nargs="?", help="scenario TOML file (omit for the embedded default)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key, e.g. network.uplink=1Mbps")
+    p.add_argument("--out", metavar="DIR", help="write events.jsonl, metrics.csv, summary.json here")
+    p.add_argument("--quiet", action="store_true", help="no per-round progress")
+    p.set_defaults(func=cmd_run)
+    s = sub.add_parser("scenarios", help="list the scenario files shipped in scenarios/")
+    s.set_defaults(func=cmd_scenarios)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""Wire schema: one message = a msgpack envelope frame + one raw frame per tensor.
+
+Frame 0 holds a 4-byte big-endian CRC-32 followed by the msgpack envelope::
+
+    {"v": 1, "id": message id (per sender), "src": sender actor, "dst": receiver actor,
+     "r": round, "k": kind, "ver": state version, "t": send time (s), "bits": payload bits,
+     "meta": {...}, "tn": [[name, dtype, [shape...]], ...]}
+
+Frames 1..n hold each tensor's raw bytes (C order, little-endian as torch stores them).
+The CRC covers every tensor frame and then the envelope bytes, so a flipped bit anywhere is
+caught. Decoding trusts nothing: sizes are checked against limits *before* any
+allocation, dtypes come from an allow-list, every frame length must equal what its
+declared shape and dtype imply. Any failure raises :class:`CodecError` with the reason.
+Never pickle.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+import torch
+
+from algorithms.base import Payload
+
+WIRE_VERSION = 1
+SERVER = -1
+"""Actor id of the server."""
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+    "bfloat16": torch.bfloat16, "uint8": torch.uint8, "int8": torch.int8,
+    "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_CRC = struct.Struct(">I")
+_REQUIRED = {"v": int, "id": int, "src": int, "dst": int, "r": int, "k": str, "ver": int,
+             "t": (int, float), "bits": int, "meta": dict, "tn": list}
+
+# torch.frombuffer warns on read-only buffers (a received ZeroMQ frame is one); the
+# runtime treats received tensors as read-only, so the warning is noise here.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+class CodecError(ValueError):
+    """A frame sequence that is not a valid message. ``reason`` is a short slug for counters."""
+
+    def __init__(self, reason: str, detail: str):
+        self.reason = reason
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts. Sizes in bytes."""
+
+    max_message_bytes: int = 256 * 1024 * 1024
+    max_header_bytes: int = 1024 * 1024
+    max_tensors: int = 4096
+    max_ndim: int = 8
+
+
+@dataclass
+class Message:
+    """A decoded (or to-be-encoded) message."""
+
+    src: int
+    dst: int
+    round: int
+    kind: str
+    version: int
+    payload: Payload
+    msg_id: int = 0
+    sent_at: float = 0.0
+    wire_bytes: int = 0
+    """Bytes on the wire: all frames plus ZMTP framing (see :func:`wire_size`)."""
+
+
+def zmtp_overhead(frame_len: int) -> int:
+    """Bytes ZMTP 3 adds to one frame: a flags byte plus a 1- or 8-byte length."""
+    return 2 if frame_len <= 255 else 9
+
+
+def wire_size(frames: Sequence[bytes | memoryview]) -> int:
+    """Bytes a message occupies on a ZMTP stream (frames + per-frame framing)."""
+    return sum(len(f) + zmtp_overhead(len(f)) for f in frames)
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    # One copy, made now: the sender may change its tensors after send() returns, while the
+    # network model still holds the message.
+    return t.numpy().tobytes()
+
+
+@dataclass(frozen=True)
+class EncodedTensors:
+    """A payload's tensor frames, encoded once and shareable by many envelopes (a broadcast)."""
+
+    specs: list
+    frames: list[bytes]
+    crc: int
+
+
+def encode_tensors(payload: Payload) -> EncodedTensors:
+    specs, frames = [], []
+    crc = 0
+    for name, t in payload.tensors.items():
+        if t.dtype not in _NAMES:
+            raise CodecError("dtype", f"tensor {name!r} has unsupported dtype {t.dtype}")
+        specs.append([name, _NAMES[t.dtype], list(t.shape)])
+        frames.append(_tensor_bytes(t))
+        crc = zlib.crc32(frames[-1], crc)
+    return EncodedTensors(specs, frames, crc)
+
+
+def encode(msg: Message, tensors: EncodedTensors | None = None) -> list[bytes]:
+    """Message -> frames: CRC + envelope, then one frame per tensor.
+
+    The CRC runs over the tensor frames first and the envelope last, so a broadcast
+    encodes its tensors once (``tensors``) and only re-packs the small envelope per receiver.
+    """
+    p = msg.payload
+    if tensors is None:
+        tensors = encode_tensors(p)
+    envelope = msgpack.packb({
+        "v": WIRE_VERSION, "id": msg.msg_id, "src": msg.src, "dst": msg.dst, "r": msg.round,
+        "k": msg.kind, "ver": msg.version, "t": float(msg.sent_at), "bits": int(p.payload_bits),
+        "meta": p.meta, "tn": tensors.specs,
+    }, use_bin_type=True)
+    return [_CRC.pack(zlib.crc32(envelope, tensors.crc)) + envelope, *tensors.frames]
+
+
+def peek_route(frame0: bytes | memoryview, limits: Limits = Limits()) -> dict[str, Any]:
+    """Parse and type-check just the envelope (no CRC, no tensors): enough to route."""
+    if len(frame0) < _CRC.size + 1:
+        raise CodecError("short_header", f"first frame has {len(frame0)} bytes")
+    if len(frame0) > limits.max_header_bytes:
+        raise CodecError("oversized_header", f"{len(frame0)} bytes > limit {limits.max_header_bytes}")
+    try:
+        head = msgpack.unpackb(
+            bytes(frame0[_CRC.size:]), raw=False, strict_map_key=True,
+            max_str_len=limits.max_header_bytes, max_bin_len=limits.max_header_bytes,
+            max_array_len=limits.max_tensors * 4 + 64, max_map_len=4096, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise CodecError("bad_msgpack", f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(head, dict):
+        raise CodecError("bad_envelope", f"envelope is a {type(head).__name__}, not a map")
+    for key, typ in _REQUIRED.items():
+        if key not in head:
+            raise CodecError("bad_envelope", f"missing field {key!r}")
+        if not isinstance(head[key], typ) or isinstance(head[key], bool):
+            raise CodecError("bad_envelope", f"field {key!r} has type {type(head[key]).__name__}")
+    if head["v"] != WIRE_VERSION:
+        raise CodecError("bad_version", f"wire version {head['v']} (this build speaks {WIRE_VERSION})")
+    return head
+
+
+def _tensor_specs(head: dict[str, Any], limits: Limits) -> list[tuple[str, torch.dtype, tuple[int, ...], int]]:
+    specs, total, seen = [], 0, set()
+    if len(head["tn"]) > limits.max_tensors:
+        raise CodecError("too_many_tensors", f"{len(head['tn'])} tensors > limit {limits.max_tensors}")
+    for entry in head["tn"]:
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                and isinstance(entry[1], str) and isinstance(entry[2], list)):
+            raise CodecError("bad_tensor_spec", f"tensor entry {entry!r:.80}")
+        name, dtype_name, shape = entry
+        if name in seen:
+            raise CodecError("bad_tensor_spec", f"tensor {name!r} appears twice")
+        seen.add(name)
+        if dtype_name not in _DTYPES:
+            raise CodecError("bad_dtype", f"tensor {name!r} dtype {dtype_name!r} not allowed")
+        if len(shape) > limits.max_ndim or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise CodecError("bad_shape", f"tensor {name!r} shape {shape!r:.80}")
+        dtype = _DTYPES[dtype_name]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * itemsize
+        total += nbytes
+        if total > limits.max_message_bytes:
+            raise CodecError("oversized", f"declared tensors exceed {limits.max_message_bytes} bytes")
+        specs.append((name, dtype, tuple(shape), nbytes))
+    return specs
+
+
+def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head: dict[str, Any] | None = None) -> Message:
+    """Frames -> Message, validating everything. Tensors view the frames' memory (no copy)."""
+    if not frames:
+        raise CodecError("empty", "no frames")
+    if head is None:
+        head = peek_route(frames[0], limits)
+    specs = _tensor_specs(head, limits)
+    if len(frames) - 1 != len(specs):
+        raise CodecError("frame_count", f"{len(frames) - 1} tensor frames for {len(specs)} declared tensors")
+    for (name, _, shape, nbytes), frame in zip(specs, frames[1:]):
+        if len(frame) != nbytes:
+            raise CodecError("shape_mismatch", f"tensor {name!r} of shape {list(shape)} needs {nbytes} bytes, frame has {len(frame)}")
+    crc = 0
+    for f in frames[1:]:
+        crc = zlib.crc32(f, crc)
+    crc = zlib.crc32(memoryview(frames[0])[_CRC.size:], crc)
+    if crc != _CRC.unpack_from(frames[0])[0]:
+        raise CodecError("checksum", "CRC-32 of the frames does not match the envelope's")
+    tensors = {}
+    for (name, dtype, shape, nbytes), frame in zip(specs, frames[1:]):
+        if nbytes == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif dtype == torch.bfloat16:
+            tensors[name] = torch.frombuffer(frame, dtype=torch.int16).view(torch.bfloat16).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(frame, dtype=dtype).reshape(shape)
+    payload = Payload(tensors=tensors, meta=head["meta"], payload_bits=head["bits"], version=head["ver"])
+    return Message(src=head["src"], dst=head["dst"], round=head["r"], kind=head["k"], version=head["ver"],
+                   payload=payload, msg_id=head["id"], sent_at=float(head["t"]), wire_bytes=wire_size(frames))
+
+
+def corrupt(frames: list[bytes], rng: np.random.Generator) -> list[bytes]:
+    """Flip one random bit in one random frame (the network model's corruption)."""
+    sizes = [len(f) for f in frames]
+    total = sum(sizes)
+    if total == 0:
+        return frames
+    pos = int(rng.integers(total * 8))
+    byte, bit = divmod(pos, 8)
+    out = list(frames)
+    for i, n in enumerate(sizes):
+        if byte < n:
+            buf = bytearray(out[i])
+            buf[byte] ^= 1 << bit
+            out[i] = bytes(buf)
+            break
+        byte -= n
+    return out

@@ -1,0 +1,169 @@
+"""ZeroMQ transport: one socket per process, non-blocking, driven by an asyncio loop.
+
+The server's node binds a ROUTER (``ROUTER_MANDATORY`` so that a message to an unknown
+or full peer raises instead of vanishing, as a plain ROUTER does at its high-water mark);
+every other node connects a DEALER. Addresses are ZeroMQ endpoints: ``inproc://name``
+(one process; no I/O thread), ``ipc:///path`` or ``tcp://host:port`` (across processes
+and hosts). Over tcp, CURVE authenticates both ends when keys are given.
+
+The socket is read through its edge-triggered ``zmq.FD``: the reader drains until EAGAIN,
+and every send re-checks ``zmq.EVENTS`` so an edge consumed by the send is not lost.
+Sends that hit the high-water mark are queued here (explicit back-pressure) and retried
+when the socket is writable; ``pending`` counts them.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import zmq
+
+Frames = Sequence["bytes | memoryview | zmq.Frame"]
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """CURVE key material, Z85-encoded. The server needs its secret; a client needs the
+    server's public key plus its own pair."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes | None = None
+
+    @staticmethod
+    def generate() -> "CurveKeys":
+        public, secret = zmq.curve_keypair()
+        return CurveKeys(public, secret)
+
+
+class Transport:
+    """One ZeroMQ socket. ``on_message(peer, frames)`` is called for each received message
+    (``peer`` is the sender's routing id on a ROUTER, ``b""`` on a DEALER)."""
+
+    def __init__(self, *, router: bool, address: str, identity: bytes | None = None,
+                 context: zmq.Context | None = None, curve: CurveKeys | None = None,
+                 max_message_bytes: int = 256 * 1024 * 1024, hwm: int = 100_000):
+        self.context = context or zmq.Context.instance()
+        self.router = router
+        self.address = address
+        sock = self.context.socket(zmq.ROUTER if router else zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if router:
+            sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if identity is not None:
+            sock.setsockopt(zmq.IDENTITY, identity)
+        if curve is not None:
+            if router:
+                sock.curve_server = True
+                sock.curve_secretkey = curve.secret
+                sock.curve_publickey = curve.public
+            else:
+                if curve.server_public is None:
+                    raise ValueError("a CURVE client needs the server's public key")
+                sock.curve_serverkey = curve.server_public
+                sock.curve_publickey = curve.public
+                sock.curve_secretkey = curve.secret
+        if router:
+            if address.startswith("tcp://") and address.endswith(":0"):
+                sock.bind_to_random_port(address[:-2])
+            else:
+                sock.bind(address)
+            self.address = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        else:
+            sock.connect(address)
+        self.socket = sock
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.on_message: Callable[[bytes, list], None] | None = None
+        self._backlog: collections.deque = collections.deque()
+        self._drain_scheduled = False
+        self.sent = 0
+        self.received = 0
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting for the socket to accept them (back-pressure)."""
+        return len(self._backlog)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[bytes, list], None]) -> None:
+        self.loop = loop
+        self.on_message = on_message
+        loop.add_reader(self.socket.getsockopt(zmq.FD), self.drain)
+        self._schedule_drain()
+
+    def close(self) -> None:
+        if self.loop is not None and not self.socket.closed:
+            try:
+                self.loop.remove_reader(self.socket.getsockopt(zmq.FD))
+                self.loop.remove_writer(self.socket.getsockopt(zmq.FD))
+            except Exception:
+                pass
+        self.socket.close(linger=0)
+
+    def send(self, frames: Frames, peer: bytes | None = None) -> None:
+        """Queue-or-send without blocking. ``peer`` is required on a ROUTER."""
+        parts = [peer, *frames] if self.router else list(frames)
+        if self._backlog or not self._try_send(parts):
+            self._backlog.append(parts)
+            if len(self._backlog) == 1 and self.loop is not None:
+                self.loop.add_writer(self.socket.getsockopt(zmq.FD), self._flush)
+        self._schedule_drain()
+
+    def _try_send(self, parts: list) -> bool:
+        try:
+            self.socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                raise UnknownPeer(parts[0]) from None
+            raise
+        self.sent += 1
+        return True
+
+    def _flush(self) -> None:
+        while self._backlog and self._try_send(self._backlog[0]):
+            self._backlog.popleft()
+        if not self._backlog and self.loop is not None:
+            self.loop.remove_writer(self.socket.getsockopt(zmq.FD))
+        self._schedule_drain()
+
+    def _schedule_drain(self) -> None:
+        # zmq.FD is edge-triggered and a send may consume the edge: look at EVENTS instead.
+        if self.loop is not None and not self._drain_scheduled and self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._drain_scheduled = True
+            self.loop.call_soon(self.drain)
+
+    def drain(self) -> int:
+        """Receive every message that is ready; returns how many."""
+        self._drain_scheduled = False
+        n = 0
+        sock = self.socket
+        while not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            n += 1
+            self.received += 1
+            if self.router:
+                peer, frames = parts[0].bytes, parts[1:]
+            else:
+                peer, frames = b"", parts
+            assert self.on_message is not None
+            self.on_message(peer, [f.buffer for f in frames])
+        if self._backlog:
+            self._flush()
+        return n
+
+
+class UnknownPeer(LookupError):
+    """A ROUTER send to a routing id that is not connected."""
+
+    def __init__(self, peer: bytes):
+        super().__init__(f"no connected peer with routing id {peer!r}")
+        self.peer = peer
