@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     s = result.summary
-    table = Table(title=f"fedsim · {s['algorithm']} on {s['dataset']} · {s['clients']} clients · seed {s['seed']}")
+    table = Table(title=f"{s['algorithm']} · {s['dataset']} · {s['clients']} clients · seed {s['seed']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     acc = s["final_accuracy"]

@@ -79,7 +79,7 @@ class DataConfig:
     """``digits`` | ``fashion-mnist`` | ``synthetic``."""
     clients: int = 20
     """Number of clients the training set is partitioned over."""
-    partition: str = "iid"
+    partition: str = "dirichlet"
     """``iid`` (seeded shuffle, near-equal split) | ``dirichlet`` (label skew, see ``alpha``)
     | ``shards`` (sort by label, deal ``shards_per_client`` label-pure shards to each)."""
     alpha: float = 0.5

@@ -193,6 +193,10 @@ class Node:
         bad = [c for c in clients if c < 0 or (limit is not None and c >= limit)]
         if bad:
             return self._reject(peer, "bad_hello", f"client ids out of range: {bad[:5]}")
+        taken = [c for c in clients if self.routes.get(c, peer) != peer]
+        if taken:
+            # A restarted node keeps its routing id; another peer may not take over clients.
+            return self._reject(peer, "route_conflict", f"clients {taken[:5]} are hosted by another node")
         for c in clients:
             self.routes[c] = peer
         self.log("hello", clients=len(clients))

@@ -144,6 +144,8 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
     """Run a scenario to the end; write ``events.jsonl``, ``metrics.csv``, ``summary.json``
     to ``out_dir`` when given. Returns the result either way."""
     wall_start = wall_time()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(scenario.run.threads)
     loop = new_loop(scenario.run.clock)
     asyncio.set_event_loop(loop)
     sim = None
@@ -158,6 +160,7 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
         loop.run_until_complete(asyncio.sleep(0))
         asyncio.set_event_loop(None)
         loop.close()
+        torch.set_num_threads(threads)
     result = summarise(sim, wall_time() - wall_start)
     if out_dir is not None:
         result.write(Path(out_dir))

@@ -49,6 +49,9 @@ class RunConfig:
     """Seconds after which any gather gives up on missing replies (a safety net)."""
     eval_every: int = 1
     """Evaluate the global model every this many rounds (and after the last)."""
+    threads: int = 1
+    """torch intra-op threads. Federated models are small: one thread per process avoids
+    threads spinning against each other (0.7 ms vs 89 ms per MLP step measured on 2 busy cores)."""
 
     def __post_init__(self) -> None:
         _expect(isinstance(self.seed, int) and not isinstance(self.seed, bool), "run.seed", self.seed, "must be an integer")
@@ -61,6 +64,7 @@ class RunConfig:
         self.round_deadline = None if self.round_deadline is None else _duration("run.round_deadline", self.round_deadline)
         self.max_wait = _duration("run.max_wait", self.max_wait)
         _expect(isinstance(self.eval_every, int) and self.eval_every >= 1, "run.eval_every", self.eval_every, "must be an integer >= 1")
+        _expect(isinstance(self.threads, int) and self.threads >= 1, "run.threads", self.threads, "must be an integer >= 1")
 
 
 @dataclass

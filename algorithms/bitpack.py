@@ -1,0 +1,88 @@
+"""Bit-packing of quantization codes: b bits per value, b = 1..16. The one packer of the project.
+
+Stable API (other methods build on it; do not change the signatures):
+
+    pack(codes, bits) -> torch.Tensor            # uint8, 1-D, packed_nbytes(codes.numel(), bits) long
+    unpack(packed, bits, count) -> torch.Tensor  # int64, 1-D, ``count`` codes in [0, 2**bits)
+    packed_nbytes(count, bits) -> int            # bytes that ``count`` codes of ``bits`` bits occupy
+    check_bits(bits) -> None                     # ValueError unless 1 <= bits <= 16 (an int)
+
+Layout: code i occupies bits [i*b, (i+1)*b) of the little-endian bit stream, least significant
+bit first, so n codes take exactly ceil(n*b / 8) bytes; the unused high bits of the last byte
+are zero. ``unpack`` is strict: a buffer of the wrong dtype, rank or length, or one whose
+padding bits are not zero, raises ``ValueError`` (the receiver of a malformed message turns it
+into a ``ProtocolError``). Empty and odd lengths are fine.
+
+Pure numpy, vectorised (no Python loop over values): pack expands each code into its b bit
+planes and lets ``np.packbits`` fuse them; unpack is the inverse.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MAX_BITS = 16
+
+
+def check_bits(bits: int) -> None:
+    """Raise ``ValueError`` unless ``bits`` is an int in 1..16."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an integer in 1..{MAX_BITS}, got {bits!r}")
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Bytes holding ``count`` codes of ``bits`` bits each: ceil(count*bits/8)."""
+    check_bits(bits)
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    return (count * bits + 7) // 8
+
+
+def pack(codes: torch.Tensor | np.ndarray, bits: int) -> torch.Tensor:
+    """Pack integer codes in [0, 2**bits) (any shape, flattened in C order) into uint8 bytes."""
+    check_bits(bits)
+    c = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+    c = c.reshape(-1)
+    if c.size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    if not np.issubdtype(c.dtype, np.integer):
+        raise ValueError(f"codes must be integers, got dtype {c.dtype}")
+    if int(c.min()) < 0 or int(c.max()) >= (1 << bits):
+        raise ValueError(f"codes out of range for {bits} bits: [{int(c.min())}, {int(c.max())}]")
+    c = c.astype(np.uint32, copy=False)
+    if bits == 8:
+        out = c.astype(np.uint8)
+    elif bits == 16:
+        out = c.astype("<u2").view(np.uint8)
+    else:
+        planes = ((c[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+        out = np.packbits(planes.reshape(-1), bitorder="little")
+    return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def unpack(packed: torch.Tensor | np.ndarray, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: ``count`` int64 codes from a uint8 buffer. Strict (see module doc)."""
+    need = packed_nbytes(count, bits)
+    if isinstance(packed, torch.Tensor):
+        if packed.dtype != torch.uint8:
+            raise ValueError(f"packed codes must be uint8, got {packed.dtype}")
+        p = packed.detach().cpu().numpy()
+    else:
+        p = np.asarray(packed)
+        if p.dtype != np.uint8:
+            raise ValueError(f"packed codes must be uint8, got {p.dtype}")
+    if p.ndim != 1 or p.size != need:
+        raise ValueError(f"packed codes must be a 1-D buffer of {need} bytes for {count} x {bits} bits, got shape {tuple(p.shape)}")
+    if count == 0:
+        return torch.empty(0, dtype=torch.int64)
+    spare = need * 8 - count * bits
+    if spare and int(p[-1]) >> (8 - spare):
+        raise ValueError("non-zero padding bits after the last code")
+    if bits == 8:
+        out = p.astype(np.int64)
+    elif bits == 16:
+        out = p.view("<u2").astype(np.int64)
+    else:
+        planes = np.unpackbits(p, count=count * bits, bitorder="little").reshape(count, bits)
+        out = (planes.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
+    return torch.from_numpy(np.ascontiguousarray(out))

@@ -1,0 +1,219 @@
+"""Low-rank factorised layers: the math FeDLRT and FedLoRU share (a support module).
+
+Both methods keep the runtime's plain ``nn.Module`` as the architecture and parametrise the
+2-D weights of its ``nn.Linear`` layers in low-rank form. A forward pass composes the dense
+weights from the factors and calls ``torch.func.functional_call(model, params, x)``, so
+autograd reaches the factors and the runtime needs no new module:
+
+* FeDLRT:  W = U S Vᵀ, U (n×r) and V (m×r) with orthonormal columns, S (r×r);
+* FedLoRU: W = W0 + B A, W0 (n×m) frozen, B (n×r), A (r×m).
+
+Here n is ``out_features`` and m ``in_features`` (an ``nn.Linear`` weight is n×m). Every
+function is pure (tensors in, tensors out) so it can be tested alone.
+
+Every factor travels as float32: 32 bits per value (:data:`FLOAT_BITS`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from .base import ConfigError, Params, Payload, ProtocolError
+
+FLOAT_BITS = 32
+"""Bits of one float32 value on the wire."""
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "cross_entropy": F.cross_entropy,
+    "mse": F.mse_loss,
+}
+"""Client objectives by scenario name (``algorithm.loss``): ``cross_entropy`` (class labels,
+the runtime's classification tasks) or ``mse`` (mean over all output entries of the squared
+error; float targets shaped like the model's output, e.g. synthetic regression)."""
+
+
+def float_bits(tensors: Mapping[str, torch.Tensor] | Iterable[torch.Tensor]) -> int:
+    """Bits of sending ``tensors`` as float32: 32 per value."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    return FLOAT_BITS * sum(t.numel() for t in values)
+
+
+# --------------------------------------------------------------------------- layers
+
+def linear_weights(model: nn.Module, keep_last_dense: bool = False) -> list[str]:
+    """Names of the ``nn.Linear`` weights to factorise, in ``named_parameters`` order.
+
+    ``keep_last_dense`` leaves the last Linear layer (the classifier head) dense.
+    """
+    names = [f"{prefix}.weight" if prefix else "weight"
+             for prefix, module in model.named_modules() if isinstance(module, nn.Linear)]
+    order = [name for name, _ in model.named_parameters()]
+    names.sort(key=order.index)
+    return names[:-1] if keep_last_dense else names
+
+
+def check_rank_fits(names: list[str], params: Params, rank: int, key: str = "rank") -> None:
+    """ConfigError unless ``1 <= rank <= min(n, m)`` for every factorised weight."""
+    if not names:
+        raise ConfigError(key, rank, "the model has no Linear layer to factorise")
+    for name in names:
+        n, m = params[name].shape
+        if rank > min(n, m):
+            raise ConfigError(key, rank, f"exceeds the size of layer {name!r} ({n}x{m}: rank at most {min(n, m)})")
+
+
+@dataclass
+class Factors:
+    """One layer as W = U S Vᵀ (U n×r, S r×r, V m×r; U and V orthonormal columns)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.S.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        return self.U @ self.S @ self.V.T
+
+
+def svd_factors(W: torch.Tensor, rank: int) -> Factors:
+    """The best rank-``rank`` approximation of ``W`` (truncated SVD), as factors."""
+    U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)
+    return Factors(U[:, :rank].contiguous(), torch.diag(sigma[:rank]), Vh[:rank].T.contiguous())
+
+
+def augment_basis(U: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """New orthonormal columns that extend ``U`` (n×r) towards the gradient ``G`` (n×r).
+
+    FeDLRT's augmentation Ū = orth([U | G]) keeps U and adds k = min(r, n - r) columns:
+    the part of G outside span(U), orthonormalised. A Householder QR of [U | G - U UᵀG]
+    returns orthonormal columns even when G lies (nearly) inside span(U), and its first r
+    columns span U, so the rest are orthogonal to U. Returns the n×k new columns.
+    """
+    n, r = U.shape
+    k = min(r, n - r)
+    if k == 0:
+        return U.new_zeros((n, 0))
+    outside = G - U @ (U.T @ G)
+    outside = outside - U @ (U.T @ outside)  # second Gram-Schmidt pass: orthogonality to rounding
+    Q, _ = torch.linalg.qr(torch.cat([U, outside], dim=1))
+    return Q[:, r:r + k].contiguous()
+
+
+def pad_coefficients(S: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """S̃ = [[S, 0], [0, 0]] of shape rows×cols: S in the augmented basis [U, Ũ], [V, Ṽ]."""
+    out = S.new_zeros((rows, cols))
+    out[:S.shape[0], :S.shape[1]] = S
+    return out
+
+
+def truncation_rank(sigma: torch.Tensor, tolerance: float, max_rank: int) -> int:
+    """Smallest r1 >= 1 whose discarded tail ||σ[r1:]||₂ <= tolerance · ||σ||₂, capped at ``max_rank``.
+
+    This is how FeDLRT's rank adapts, up (augmentation doubles it, little is discarded) or
+    down (small singular values are dropped).
+    """
+    total = float(torch.linalg.vector_norm(sigma))
+    if total == 0.0:
+        return 1
+    # tail[i] = ||σ[i:]||₂, computed from the small end so rounding does not cancel.
+    tail = torch.flip(torch.sqrt(torch.cumsum(torch.flip(sigma.double(), [0]) ** 2, 0)), [0])
+    keep = len(sigma)
+    for r1 in range(1, len(sigma)):
+        if float(tail[r1]) <= tolerance * total:
+            keep = r1
+            break
+    return max(1, min(keep, max_rank))
+
+
+def truncate(U_aug: torch.Tensor, S_aug: torch.Tensor, V_aug: torch.Tensor, tolerance: float,
+             max_rank: int) -> Factors:
+    """FeDLRT's compression: P Σ Qᵀ = svd(S̃), keep r1 values, U = Ū P_r1, V = V̄ Q_r1, S = Σ_r1."""
+    P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)
+    r1 = truncation_rank(sigma, tolerance, max_rank)
+    return Factors((U_aug @ P[:, :r1]).contiguous(), torch.diag(sigma[:r1]).contiguous(),
+                   (V_aug @ Qh[:r1].T).contiguous())
+
+
+# --------------------------------------------------------------------------- training
+
+Builder = Callable[[dict[str, torch.Tensor]], Params]
+"""Maps the trainable leaves (factors, dense tensors) to the model's named parameters."""
+
+
+def loss_and_grads(model: nn.Module, build: Builder, leaves: dict[str, torch.Tensor], x: torch.Tensor,
+                   y: torch.Tensor, loss: str) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss (a float) at ``build(leaves)`` and its gradient w.r.t. every leaf."""
+    live = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
+    value = LOSSES[loss](functional_call(model, build(live), (x,)), y)
+    grads = torch.autograd.grad(value, list(live.values()), allow_unused=True)
+    return float(value.detach()), {k: (torch.zeros_like(live[k]) if g is None else g)
+                                   for k, g in zip(live, grads)}
+
+
+def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.Tensor | None:
+    """A random minibatch of ``batch_size`` indices; ``None`` (the full local set) when 0."""
+    if batch_size <= 0 or batch_size >= n:
+        return None
+    return torch.randperm(n, generator=generator)[:batch_size]
+
+
+def local_steps(model: nn.Module, build: Builder, leaves: dict[str, torch.Tensor], x: torch.Tensor,
+                y: torch.Tensor, *, loss: str, lr: float, steps: int, batch_size: int,
+                generator: torch.Generator, correction: Mapping[str, torch.Tensor] | None = None,
+                ) -> tuple[dict[str, torch.Tensor], int]:
+    """``steps`` of (minibatch) gradient descent on the leaves; returns them and samples used.
+
+    ``correction`` (FeDLRT's variance correction, global minus local gradient at the start
+    point) is added to every step's gradient of the leaves it names.
+    """
+    current = {k: v.detach().clone() for k, v in leaves.items()}
+    seen = 0
+    for _ in range(steps):
+        idx = batch_indices(len(x), batch_size, generator)
+        xb, yb = (x, y) if idx is None else (x[idx], y[idx])
+        _, grads = loss_and_grads(model, build, current, xb, yb, loss)
+        for k, g in grads.items():
+            if correction is not None and k in correction:
+                g = g + correction[k]
+            current[k].sub_(g, alpha=lr)
+        seen += len(xb)
+    return current, seen
+
+
+# --------------------------------------------------------------------------- messages
+
+def mean_by(replies: Mapping[int, "object"], key: str, weights: list[float]) -> torch.Tensor:
+    """Sample-weighted mean of tensor ``key`` over replies, summed in client-id order."""
+    total = float(sum(weights))
+    tensors = [r.payload.tensors[key] for r in replies.values()]
+    out = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weights):
+        out.add_(t, alpha=w / total)
+    return out
+
+
+def expect_tensors(payload: Payload, shapes: Mapping[str, tuple[int, ...]], who: str) -> None:
+    """ProtocolError unless ``payload`` holds exactly ``shapes`` (float32, finite)."""
+    if set(payload.tensors) != set(shapes):
+        raise ProtocolError(f"{who}: tensors {sorted(payload.tensors)} do not match the expected {sorted(shapes)}")
+    for name, shape in shapes.items():
+        t = payload.tensors[name]
+        if tuple(t.shape) != tuple(shape) or t.dtype != torch.float32:
+            raise ProtocolError(f"{who}: tensor {name!r} is {t.dtype}{tuple(t.shape)}, expected float32{tuple(shape)}")
+        if not torch.isfinite(t).all():
+            raise ProtocolError(f"{who}: tensor {name!r} holds NaN or Inf")
+
+
+def positive_samples(payload: Payload, who: str) -> int:
+    samples = payload.meta.get("samples")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ProtocolError(f"{who}: meta.samples must be a positive int, got {samples!r}")
+    return samples

@@ -1,0 +1,183 @@
+"""QRR (Kritsiolis & Kotropoulos, 2025): reduced-rank gradients, then LAQ on the factors.
+
+Per parameter tensor of client m's minibatch gradient, with p = ``rank_fraction``:
+
+* 2-D (m x n): truncated SVD keeping k = ceil(p min(m, n)) singular triplets, U (m x k),
+  S (k), V^T (k x n). ``svd = "exact"`` uses ``torch.linalg.svd``; ``"randomized"`` a
+  randomised range finder (Halko et al.: k + 5 columns, 2 power iterations) drawn from the
+  client's seeded generator;
+* 4-D conv (o x i x h x w): Tucker decomposition (tensorly, pytorch backend, HOOI from an SVD
+  start) with ranks ceil(p dim) on all four modes: a core and four factor matrices;
+* vectors (biases), and any tensor whose factors would not be smaller than itself (e.g.
+  p near 1), are quantized as they are, without decomposition.
+
+Each factor (and each undecomposed tensor) is then a LAQ target: quantized differentially at
+b bits against the accumulator of that factor that client and server mirror, one radius per
+tensor (protocol, checks and lazy aggregation are LAQ's: see :mod:`algorithms.laq`). The
+server rebuilds client m's gradient from the mirrored factors (U diag(S) V^T, or the core
+multiplied by the four factors) and steps w <- w - lr * mean_m of them.
+
+Singular vectors and Tucker factors are defined up to sign, and an SVD may return a column
+negated between rounds, which turns a tiny innovation into one of twice the factor's size.
+With ``align_signs`` (default) each component is flipped to agree with the mirrored factor
+of the previous round before quantizing (for SVD the pair (u_j, v_j) together; for Tucker a
+factor column together with the core slice it multiplies), which leaves the product
+unchanged. tests/test_compression_qrr.py measures the radius it saves.
+
+payload_bits (uplink, per upload), from the authors' code (Kritsos/QRR-code):
+  FC layer (m x n, rank k):  3 * 32 + b (m k + k + k n)
+  conv layer (Tucker):       5 * 32 + b (prod(r) + sum_i d_i r_i)
+  vector / undecomposed:     32 + b * numel
+SGD's count is 32 bits per value. Downlink: the model, 32 bits per value.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Params, check, register
+from .laq import DifferentialQuantized
+
+SEP = "|"
+"""Separates a parameter's name from its factor's: ``fc.weight|U``."""
+OVERSAMPLE = 5
+POWER_ITERS = 2
+
+
+def truncated_svd(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best rank-k factors (U, S, V^T) of ``a`` (Eckart-Young)."""
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u[:, :k], s[:k], vh[:k]
+
+
+def randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator,
+                   oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS):
+    """Rank-k (U, S, V^T) of ``a`` from a seeded randomised range finder (Halko et al. 2011)."""
+    m, n = a.shape
+    width = min(k + oversample, m, n)
+    omega = torch.randn(n, width, generator=generator, dtype=a.dtype)
+    q = torch.linalg.qr(a @ omega).Q
+    for _ in range(power_iters):
+        q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
+    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return (q @ ub)[:, :k], s[:k], vh[:k]
+
+
+def tucker(t: torch.Tensor, ranks: tuple[int, ...], n_iter_max: int = 20) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Tucker decomposition (core, factors) of ``t`` with tensorly on its pytorch backend."""
+    import tensorly as tl
+    from tensorly.decomposition import tucker as tl_tucker
+
+    with tl.backend.BackendManager.backend_context("pytorch"):
+        core, factors = tl_tucker(t, rank=list(ranks), init="svd", n_iter_max=n_iter_max, tol=1e-6)
+    return core.to(torch.float32), [f.to(torch.float32) for f in factors]
+
+
+def tucker_to_tensor(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """core x_1 F_1 x_2 F_2 ... (mode products), for any order."""
+    out = core
+    for mode, f in enumerate(factors):
+        out = torch.movedim(torch.tensordot(f, torch.movedim(out, mode, 0), dims=([1], [0])), 0, mode)
+    return out
+
+
+def align_svd(u, s, vh, u_prev, vh_prev):
+    """Flip each pair (u_j, v_j) whose direction disagrees with the previous round's."""
+    agree = (u * u_prev).sum(0) + (vh * vh_prev).sum(1)
+    sign = torch.where(agree < 0, -1.0, 1.0)
+    return u * sign, s, vh * sign[:, None]
+
+
+def align_tucker(core, factors, previous):
+    """Flip factor columns that disagree with the previous round's, negating the core slice."""
+    core = core.clone()
+    out = []
+    for mode, (f, f_prev) in enumerate(zip(factors, previous)):
+        sign = torch.where((f * f_prev).sum(0) < 0, -1.0, 1.0)
+        out.append(f * sign)
+        shape = [1] * core.ndim
+        shape[mode] = -1
+        core = core * sign.reshape(shape)
+    return core, out
+
+
+@register
+class QRR(DifferentialQuantized):
+    name = "qrr"
+    lazy = False
+
+    @dataclass
+    class Config(DifferentialQuantized.Config):
+        rank_fraction: float = 0.3
+        """p: fraction of each dimension's rank kept, in (0, 1]."""
+        svd: str = "exact"
+        """How 2-D gradients are factored: "exact" or "randomized"."""
+        align_signs: bool = True
+        """Align singular vectors / Tucker factors with the previous round's before quantizing."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check(0 < self.rank_fraction <= 1, "rank_fraction", self.rank_fraction, "must be in (0, 1]")
+            check(self.svd in ("exact", "randomized"), "svd", self.svd, 'must be "exact" or "randomized"')
+            check(isinstance(self.align_signs, bool), "align_signs", self.align_signs, "must be true or false")
+
+    def target_layout(self) -> dict[str, tuple[int, ...]]:
+        p = self.config.rank_fraction
+        self.plan: dict[str, tuple] = {}
+        layout: dict[str, tuple[int, ...]] = {}
+        for name, shape in self.shapes.items():
+            numel = math.prod(shape)
+            if len(shape) == 2:
+                m, n = shape
+                k = math.ceil(p * min(m, n))
+                if k * (m + n + 1) < numel:
+                    self.plan[name] = ("svd", k)
+                    layout.update({f"{name}{SEP}U": (m, k), f"{name}{SEP}S": (k,), f"{name}{SEP}V": (k, n)})
+                    continue
+            if len(shape) == 4:
+                ranks = tuple(math.ceil(p * d) for d in shape)
+                if math.prod(ranks) + sum(d * r for d, r in zip(shape, ranks)) < numel:
+                    self.plan[name] = ("tucker", ranks)
+                    layout[f"{name}{SEP}core"] = ranks
+                    layout.update({f"{name}{SEP}F{i}": (d, r) for i, (d, r) in enumerate(zip(shape, ranks))})
+                    continue
+            self.plan[name] = ("direct",)
+            layout[name] = tuple(shape)
+        return layout
+
+    def targets(self, grads: Params, previous, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        align = self.config.align_signs and previous is not None
+        for name, plan in self.plan.items():
+            g = grads[name].detach().to(torch.float32)
+            if plan[0] == "svd":
+                k = plan[1]
+                if self.config.svd == "exact":
+                    u, s, vh = truncated_svd(g, k)
+                else:
+                    u, s, vh = randomized_svd(g, k, generator)
+                if align:
+                    u, s, vh = align_svd(u, s, vh, previous[f"{name}{SEP}U"], previous[f"{name}{SEP}V"])
+                out.update({f"{name}{SEP}U": u, f"{name}{SEP}S": s, f"{name}{SEP}V": vh})
+            elif plan[0] == "tucker":
+                core, factors = tucker(g, plan[1])
+                if align:
+                    core, factors = align_tucker(core, factors, [previous[f"{name}{SEP}F{i}"] for i in range(4)])
+                out[f"{name}{SEP}core"] = core
+                out.update({f"{name}{SEP}F{i}": f for i, f in enumerate(factors)})
+            else:
+                out[name] = g
+        return out
+
+    def rebuild(self, q: dict[str, torch.Tensor]) -> Params:
+        out: Params = {}
+        for name, plan in self.plan.items():
+            if plan[0] == "svd":
+                out[name] = (q[f"{name}{SEP}U"] * q[f"{name}{SEP}S"]) @ q[f"{name}{SEP}V"]
+            elif plan[0] == "tucker":
+                out[name] = tucker_to_tensor(q[f"{name}{SEP}core"], [q[f"{name}{SEP}F{i}"] for i in range(4)])
+            else:
+                out[name] = q[name]
+        return out

@@ -1,0 +1,55 @@
+"""Scale: 10,000 client actors in one process (synthetic data, logistic model), one round.
+
+Targets: the round in <= 10 s of wall time, <= 2 GiB peak RSS. Run: python bench/scale.py
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rich.console import Console
+from rich.table import Table
+
+from fedsim.runner import run
+from fedsim.scenario import load_scenario
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--clients", type=int, default=10_000)
+    ap.add_argument("--algorithm", default="fedavg")
+    args = ap.parse_args()
+    scenario = load_scenario(None, [f"data.clients={args.clients}", "data.dataset=synthetic", "data.partition=iid",
+                                    "model.kind=logistic", f"algorithm.name={args.algorithm}", "run.rounds=1"])
+    rounds_wall = []
+
+    def progress(m, total):
+        rounds_wall.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    result = run(scenario, progress=progress)
+    total = time.perf_counter() - t0
+    rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # ru_maxrss is KiB on Linux
+    s = result.summary
+    table = Table(title=f"bench/scale.py: {args.clients} client actors, one round ({args.algorithm}, logistic, synthetic)")
+    for col in ("measure", "value", "target"):
+        table.add_column(col)
+    table.add_row("wall time, whole run (setup + 1 round + eval)", f"{total:.2f} s", "<= 10 s")
+    table.add_row("peak RSS", f"{rss_gib:.2f} GiB", "<= 2 GiB")
+    table.add_row("messages (up + down)", f"{s['messages_up'] + s['messages_down']:,}", "")
+    table.add_row("simulated round time", f"{s['sim_time_s']:.2f} s", "")
+    table.add_row("events logged", f"{s['events']:,}", "")
+    table.add_row("final accuracy", f"{s['final_accuracy']:.3f}", "")
+    Console().print(table)
+    ok = total <= 10 and rss_gib <= 2
+    print("PASS" if ok else "FAIL", f"wall={total:.2f}s rss={rss_gib:.2f}GiB")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

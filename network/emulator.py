@@ -1,0 +1,536 @@
+"""The network emulator: decides when, whether and how often each message arrives.
+
+One ``Emulator`` sits at the server's node. In a star topology every flow touches the
+server, so it sees every transfer: it keeps the fluid model of bandwidth sharing
+(:mod:`network.fluid`), draws each message's fate from seeded per-purpose, per-link
+streams, runs the scripted timeline and the availability process, and calls the
+receiver's ``deliver(corrupt)`` at the delivery time through the clock.
+
+It is clock-agnostic: all timing goes through ``Clock.now`` and ``Clock.call_at``, so the
+same code runs under the virtual clock and the wall clock. It keeps its own agenda (a heap
+of (time, class, tie, sequence)) and arms a single clock timer for its head, so entries
+at equal times run in a fixed order whatever the clock's own tie-breaking:
+state changes (events, traces, availability) first, then flow completions, then
+deliveries in the order of the ``transfer()`` calls.
+
+Time inside is the clock's; scenario times (``at = "120s"``, trace times) count from the
+clock's reading when the Emulator is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from .config import Event, Link, Loss, NetworkConfig, Trace
+from .fluid import FluidNetwork
+from .models import (GilbertElliott, device_speeds, p_intact, packets, padhye_rate, sample_jitter,
+                     tcp_rto)
+from .units import format_clients
+
+DIRECTIONS = ("up", "down")
+
+# Purposes of random streams: each gets its own PCG64 stream per link, so drawing from
+# one (say, jitter) never shifts another (say, loss).
+_LOSS, _JITTER, _DUP, _CORRUPT, _AVAIL, _SPEED, _NOISE = range(1, 8)
+# Agenda classes: at equal times, state changes run before completions before deliveries.
+_STATE, _FLOW, _DELIVER = 0, 1, 2
+
+
+class Clock(Protocol):
+    def now(self) -> float: ...
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> Any: ...
+
+
+class _Agenda:
+    """A private timer heap on top of a Clock, with one clock timer armed for its head."""
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.heap: list[tuple[float, int, int, int, Callable[[float], None]]] = []
+        self.seq = 0
+        self.handle: Any = None
+        self.armed_at: float | None = None
+        self.running = False
+
+    def at(self, when: float, cls: int, tie: int, fn: Callable[[float], None]) -> None:
+        """Run ``fn(when)`` at ``when``."""
+        self.seq += 1
+        heapq.heappush(self.heap, (when, cls, tie, self.seq, fn))
+        if not self.running:
+            self._arm()
+
+    def _arm(self) -> None:
+        if not self.heap:
+            return
+        head = self.heap[0][0]
+        if self.armed_at is not None and self.armed_at <= head:
+            return
+        if self.handle is not None:
+            self.handle.cancel()
+        self.armed_at = head
+        self.handle = self.clock.call_at(head, lambda: self._fire(head))
+
+    def _fire(self, target: float) -> None:
+        self.handle, self.armed_at = None, None
+        self.running = True
+        try:
+            # Run everything due by the time this timer was armed for (not clock.now():
+            # an event loop may fire a timer a hair early).
+            while self.heap and self.heap[0][0] <= target:
+                when, _, _, _, fn = heapq.heappop(self.heap)
+                fn(when)
+        finally:
+            self.running = False
+            self._arm()
+
+
+@dataclass
+class _Transfer:
+    tid: int
+    direction: str
+    client: int
+    nbytes: int
+    deliver: Callable[[bool], None]
+    lost: bool            # datagram: a packet was lost
+    duplicate: bool
+    corrupt: tuple[bool, bool]
+    delays: tuple[float, float]   # latency + jitter of each copy, seconds (>= 0)
+
+
+class Emulator:
+    """See the module docstring. ``log(event, **fields)`` receives ``drop``, ``duplicate``
+    and ``net_event`` records with JSON-friendly fields."""
+
+    def __init__(self, config: NetworkConfig, n_clients: int, clock: Clock, seed: int,
+                 log: Callable[..., None]):
+        if n_clients != config.n_clients:
+            raise ValueError(f"config was parsed for {config.n_clients} clients, emulator built for {n_clients}")
+        self.config = config
+        self.n = n_clients
+        self.clock = clock
+        self.seed = int(seed)
+        self.log = log
+        self.t0 = float(clock.now())
+        self._agenda = _Agenda(clock)
+        self._floor = self.t0
+        self._fluid = FluidNetwork(self.t0)
+        self._fluid_gen = 0
+        self._links: dict[str, list[Link]] = {"up": list(config.uplinks), "down": list(config.downlinks)}
+        self._bursts: dict[tuple[str, int], dict[int, float]] = {}
+        self._slow: dict[int, dict[int, float]] = {}
+        self._partitioned: set[int] = set()
+        self._crashed: set[int] = set()
+        self._offline: set[int] = set()
+        self._transfers: dict[int, _Transfer] = {}
+        self._by_client: dict[int, set[int]] = {}
+        self._last_delivery: dict[tuple[str, int], float] = {}
+        self._tid = 0
+        self._overlay_id = 0
+        self._rngs: dict[tuple, np.random.Generator] = {}
+        self._ge: dict[tuple[str, int], GilbertElliott] = {}
+        self._runtime_cb: Callable[[dict], None] | None = None
+        self._pending_runtime: list[dict] = []
+        self._trace_gen: dict[tuple[str, int], int] = {}
+        self._batch_pending = False
+
+        self._fluid.set_capacity(("server", "up"), config.server_uplink)
+        self._fluid.set_capacity(("server", "down"), config.server_downlink)
+        for d in DIRECTIONS:
+            for c in range(n_clients):
+                self._apply_bandwidth(d, c)
+
+        st = config.stragglers
+        self._speeds = device_speeds(st.distribution, st.speed, st.sigma, st.alpha, st.speeds, n_clients,
+                                     self._rng(_SPEED))
+        for ev in config.events:
+            if ev.at is not None:
+                self._agenda.at(self.t0 + ev.at, _STATE, ev.index, lambda t, ev=ev: self._fire_event(ev, t))
+        self._start_availability()
+
+    # ------------------------------------------------------------------ randomness
+    def _rng(self, purpose: int, *key: int) -> np.random.Generator:
+        k = (purpose, *key)
+        g = self._rngs.get(k)
+        if g is None:
+            g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=k)))
+            self._rngs[k] = g
+        return g
+
+    # ------------------------------------------------------------------ time
+    def _now(self) -> float:
+        return max(float(self.clock.now()), self._floor)
+
+    def _sim(self, t: float) -> float:
+        return t - self.t0
+
+    def _sync(self, now: float) -> None:
+        """Bring the fluid model to ``now``, finishing the flows that completed on the way."""
+        for fid, tc in self._fluid.advance(now):
+            self._complete(fid, tc)
+
+    def _reschedule(self) -> None:
+        nxt = self._fluid.next_completion()
+        self._fluid_gen += 1
+        if nxt is not None:
+            gen = self._fluid_gen
+            self._agenda.at(nxt, _FLOW, 0, lambda t, gen=gen: self._on_flow_timer(gen, t))
+
+    def _on_flow_timer(self, gen: int, t: float) -> None:
+        if gen != self._fluid_gen:
+            return
+        self._floor = max(self._floor, t)
+        self._sync(self._now())
+        self._reschedule()
+
+    # ------------------------------------------------------------------ links
+    def link(self, client: int, direction: str) -> Link:
+        """The client's current link in ``direction`` (after set_link events)."""
+        return self._links[direction][client]
+
+    def _loss(self, direction: str, client: int) -> tuple[Loss, float]:
+        """The link's base loss model and the extra Bernoulli loss of active bursts."""
+        extra = 1.0
+        for p in self._bursts.get((direction, client), {}).values():
+            extra *= 1.0 - p
+        return self._links[direction][client].loss, 1.0 - extra
+
+    def loss_rate(self, direction: str, client: int) -> float:
+        """Long-run packet loss probability of the link now (base model and bursts)."""
+        base, extra = self._loss(direction, client)
+        return 1.0 - (1.0 - base.rate) * (1.0 - extra)
+
+    def tcp_cap(self, direction: str, client: int) -> float:
+        """TCP throughput limit (bits/s) of a flow on this link: Padhye's model with the
+        link's loss rate and the round trip over both of the client's links."""
+        if self.config.transport != "tcp":
+            return math.inf
+        data = self._links[direction][client]
+        ack = self._links["down" if direction == "up" else "up"][client]
+        rtt = data.latency + ack.latency
+        std = math.hypot(data.jitter.std, ack.jitter.std)
+        tcp = self.config.tcp
+        return padhye_rate(self.config.mss, rtt, self.loss_rate(direction, client),
+                           tcp_rto(tcp.min_rto, rtt, std), tcp.b, tcp.max_window)
+
+    def _apply_bandwidth(self, direction: str, client: int) -> None:
+        bw = self._links[direction][client].bandwidth
+        key = (direction, client)
+        self._trace_gen[key] = self._trace_gen.get(key, 0) + 1
+        if isinstance(bw, Trace):
+            now = self._fluid.now
+            self._fluid.set_capacity(key, bw.at(self._sim(now)))
+            self._schedule_breakpoint(direction, client, bw, now)
+        else:
+            self._fluid.set_capacity(key, bw)
+
+    def _schedule_breakpoint(self, direction: str, client: int, trace: Trace, now: float) -> None:
+        nxt = trace.next_change(self._sim(now))
+        if nxt is None:
+            return
+        key = (direction, client)
+        gen = self._trace_gen[key]
+
+        def step(t: float) -> None:
+            if self._trace_gen.get(key) != gen:
+                return
+            self._floor = max(self._floor, t)
+            self._sync(t)
+            self._fluid.set_capacity(key, trace.at(self._sim(t)))
+            self._schedule_breakpoint(direction, client, trace, t)
+            self._reschedule()
+
+        self._agenda.at(self.t0 + nxt, _STATE, client, step)
+
+    def _refresh_caps(self, client: int) -> None:
+        for fid in self._by_client.get(client, ()):
+            tr = self._transfers[fid]
+            self._fluid.set_cap(fid, self.tcp_cap(tr.direction, client))
+
+    # ------------------------------------------------------------------ reachability
+    def is_online(self, client: int) -> bool:
+        """Whether messages to and from ``client`` can get through now: not offline
+        (availability), not partitioned, not crashed."""
+        return not (client in self._offline or client in self._partitioned or client in self._crashed)
+
+    def _down_reason(self, client: int) -> str | None:
+        if client in self._crashed:
+            return "crashed"
+        if client in self._partitioned:
+            return "partition"
+        if client in self._offline:
+            return "offline"
+        return None
+
+    def _abort_client(self, client: int, reason: str) -> None:
+        """A client went down: every message it is sending or receiving is lost."""
+        fids = sorted(self._by_client.get(client, ()))
+        for fid in fids:
+            self._fluid.remove(fid)
+            tr = self._transfers.pop(fid)
+            self.log("drop", direction=tr.direction, client=client, nbytes=tr.nbytes, reason=reason, tid=fid)
+        self._by_client.pop(client, None)
+
+    # ------------------------------------------------------------------ transfers
+    def transfer(self, direction: str, client: int, nbytes: int, deliver: Callable[[bool], None]) -> None:
+        """Send ``nbytes`` bytes between the server and ``client`` (``"up"``: client ->
+        server, ``"down"``: server -> client), now. ``deliver(corrupt)`` is called at each
+        delivery: once, twice if duplicated, never if lost."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+        if not 0 <= client < self.n:
+            raise ValueError(f"client {client} does not exist ({self.n} clients)")
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        now = self._now()
+        if not self._batch_pending:
+            self._sync(now)
+        self._tid += 1
+        tid = self._tid
+        reason = self._down_reason(client)
+        if reason is not None:
+            self.log("drop", direction=direction, client=client, nbytes=int(nbytes), reason=reason, tid=tid)
+            return
+        link = self._links[direction][client]
+        d = 0 if direction == "up" else 1
+        lost = False
+        if self.config.transport == "datagram":
+            n = packets(nbytes, self.config.mss)
+            base, extra = self._loss(direction, client)
+            rng = self._rng(_LOSS, d, client)
+            if base.model == "gilbert_elliott":
+                chain = self._ge.get((direction, client))
+                if chain is None or chain.loss != base:
+                    chain = self._ge[(direction, client)] = GilbertElliott(base, rng)
+                lost = bool(chain.sample(n).any())
+            else:
+                lost = bool(rng.random() >= p_intact(base.p, n))
+            if extra > 0:
+                lost = bool(rng.random() >= p_intact(extra, n)) or lost
+        dup = bool(self._rng(_DUP, d, client).random() < link.duplicate)
+        cor = self._rng(_CORRUPT, d, client).random(2) < link.corrupt
+        jit = sample_jitter(link.jitter, self._rng(_JITTER, d, client), 2)
+        delays = tuple(max(0.0, link.latency + float(x)) for x in jit)
+        tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup,
+                       (bool(cor[0]), bool(cor[1])), delays)  # type: ignore[arg-type]
+        self._transfers[tid] = tr
+        self._by_client.setdefault(client, set()).add(tid)
+        server = ("server", "down") if direction == "up" else ("server", "up")
+        self._fluid.add(tid, 8.0 * nbytes, ((direction, client), server), self.tcp_cap(direction, client))
+        if not self._batch_pending:
+            # A broadcast is N transfer() calls in a row: recompute the sharing once for all
+            # of them, in one agenda entry at this instant, not N times. Under a wall clock
+            # the batch's flows start at the first one's time (microseconds apart).
+            self._batch_pending = True
+            self._agenda.at(now, _FLOW, 0, self._end_batch)
+
+    def _end_batch(self, t: float) -> None:
+        self._batch_pending = False
+        self._floor = max(self._floor, t)
+        self._sync(self._now())
+        self._reschedule()
+
+    def _complete(self, tid: int, tc: float) -> None:
+        """The last bit of a message left the bottleneck at ``tc``."""
+        tr = self._transfers.pop(tid, None)
+        if tr is None:
+            return
+        self._by_client.get(tr.client, set()).discard(tid)
+        if tr.lost:
+            self.log("drop", direction=tr.direction, client=tr.client, nbytes=tr.nbytes, reason="loss", tid=tid)
+            return
+        copies = 2 if tr.duplicate else 1
+        if tr.duplicate:
+            self.log("duplicate", direction=tr.direction, client=tr.client, nbytes=tr.nbytes, tid=tid)
+        key = (tr.direction, tr.client)
+        for i in range(copies):
+            when = tc + tr.delays[i]
+            if self.config.transport == "tcp":
+                # One ordered byte stream per link: a message never overtakes an earlier one.
+                when = max(when, self._last_delivery.get(key, -math.inf))
+                self._last_delivery[key] = when
+            corrupt = tr.corrupt[i]
+            self._agenda.at(when, _DELIVER, tid, lambda t, tr=tr, corrupt=corrupt: tr.deliver(corrupt))
+
+    # ------------------------------------------------------------------ compute
+    def compute_time(self, client: int, work_flop: float, round: int) -> float:
+        """Seconds of compute for ``work_flop`` FLOP on ``client`` in ``round``:
+        work / (speed_i * noise_{i,round}) * (product of active slowdown factors)."""
+        if work_flop < 0:
+            raise ValueError(f"work must be >= 0 FLOP, got {work_flop}")
+        speed = float(self._speeds[client])
+        noise = self.config.stragglers.noise
+        if noise > 0:
+            # A stream per (client, round): independent of the order of calls.
+            g = np.random.Generator(np.random.PCG64(np.random.SeedSequence(self.seed, spawn_key=(_NOISE, client, round))))
+            speed *= math.exp(noise * float(g.standard_normal()))
+        slow = 1.0
+        for f in self._slow.get(client, {}).values():
+            slow *= f
+        return float(work_flop) / speed * slow
+
+    def speed(self, client: int) -> float:
+        """The client's base device speed, FLOP/s."""
+        return float(self._speeds[client])
+
+    # ------------------------------------------------------------------ availability
+    def _start_availability(self) -> None:
+        av = self.config.availability
+        if av.model != "exponential":
+            return
+        for c in av.clients:
+            rng = self._rng(_AVAIL, c)
+            online = True
+            if av.start == "stationary":
+                online = bool(rng.random() < av.mean_online / (av.mean_online + av.mean_offline))
+            if not online:
+                self._offline.add(c)
+            self._next_toggle(c, self.t0, online)
+
+    def _next_toggle(self, c: int, now: float, online: bool) -> None:
+        av = self.config.availability
+        mean = av.mean_online if online else av.mean_offline
+        dt = float(self._rng(_AVAIL, c).exponential(mean)) if mean > 0 else 0.0
+        self._agenda.at(now + dt, _STATE, c, lambda t, c=c: self._toggle(c, t))
+
+    def _toggle(self, c: int, t: float) -> None:
+        self._floor = max(self._floor, t)
+        self._sync(t)
+        going_online = c in self._offline
+        if going_online:
+            self._offline.discard(c)
+        else:
+            self._offline.add(c)
+            self._abort_client(c, "offline")
+            self._reschedule()
+        self.log("net_event", action="online" if going_online else "offline", clients=str(c), cause="availability")
+        self._next_toggle(c, t, going_online)
+
+    # ------------------------------------------------------------------ events
+    def on_runtime_event(self, callback: Callable[[dict], None]) -> None:
+        """Register the runtime's handler for crash/restart fired at a simulated time."""
+        self._runtime_cb = callback
+        pending, self._pending_runtime = self._pending_runtime, []
+        for ev in pending:
+            callback(ev)
+
+    def _to_runtime(self, ev: dict) -> None:
+        if self._runtime_cb is None:
+            self._pending_runtime.append(ev)
+        else:
+            self._runtime_cb(ev)
+
+    def start_round(self, round: int) -> list[dict]:
+        """Fire the events scheduled ``at_round = round`` (in file order); returns the
+        runtime-level ones (crash / restart) for the runtime to act on. A crash's
+        ``restart_after`` restart comes later through the ``on_runtime_event`` callback."""
+        now = self._now()
+        out: list[dict] = []
+        for ev in self.config.events:
+            if ev.at_round == round:
+                r = self._apply(ev, now, round=round)
+                if r is not None:
+                    out.append(r)
+        return out
+
+    def _fire_event(self, ev: Event, t: float) -> None:
+        self._floor = max(self._floor, t)
+        r = self._apply(ev, t)
+        if r is not None:
+            self._to_runtime(r)
+
+    def _log_event(self, ev: Event, **extra: Any) -> None:
+        fields = {k: v for k, v in ev.raw.items() if k not in ("action", "clients")}
+        fields.update(extra)
+        self.log("net_event", action=ev.action, clients=format_clients(ev.clients), event=ev.index, **fields)
+
+    def _apply(self, ev: Event, now: float, round: int | None = None) -> dict | None:
+        """Apply one event at ``now``; return the runtime-level record, if any."""
+        self._sync(now)
+        self._log_event(ev)
+        a = ev.action
+        if a == "set_link":
+            for c in ev.clients:
+                for d, fields in (("up", ev.up), ("down", ev.down)):
+                    if fields:
+                        self._links[d][c] = dataclasses.replace(self._links[d][c], **fields)
+                        if "bandwidth" in fields:
+                            self._apply_bandwidth(d, c)
+                        if "loss" in fields:
+                            self._ge.pop((d, c), None)
+                self._refresh_caps(c)
+        elif a == "loss_burst":
+            self._overlay_id += 1
+            oid = self._overlay_id
+            for c in ev.clients:
+                for d, fields in (("up", ev.up), ("down", ev.down)):
+                    if fields:
+                        self._bursts.setdefault((d, c), {})[oid] = fields["loss"].rate
+                self._refresh_caps(c)
+            self._later(now + (ev.duration or 0.0), ev, lambda t: self._end_burst(ev, oid, t))
+        elif a == "partition":
+            for c in ev.clients:
+                self._partitioned.add(c)
+                self._abort_client(c, "partition")
+            if ev.duration is not None:
+                self._later(now + ev.duration, ev, lambda t: self._heal(ev, t))
+        elif a == "heal":
+            self._partitioned.difference_update(ev.clients)
+        elif a == "slowdown":
+            self._overlay_id += 1
+            oid = self._overlay_id
+            for c in ev.clients:
+                self._slow.setdefault(c, {})[oid] = ev.factor
+            if ev.duration is not None:
+                self._later(now + ev.duration, ev, lambda t: self._end_slowdown(ev, oid, t))
+        elif a == "crash":
+            for c in ev.clients:
+                self._crashed.add(c)
+                self._abort_client(c, "crashed")
+            if ev.restart_after is not None:
+                self._later(now + ev.restart_after, ev, lambda t: self._restart(ev, t))
+            self._reschedule()
+            return {"action": "crash", "clients": list(ev.clients), "event": ev.index, "round": round,
+                    "restart_after": ev.restart_after, "t": self._sim(now)}
+        elif a == "restart":
+            self._crashed.difference_update(ev.clients)
+            return {"action": "restart", "clients": list(ev.clients), "event": ev.index, "round": round,
+                    "t": self._sim(now)}
+        self._reschedule()
+        return None
+
+    def _later(self, when: float, ev: Event, fn: Callable[[float], None]) -> None:
+        def run(t: float) -> None:
+            self._floor = max(self._floor, t)
+            self._sync(t)
+            fn(t)
+            self._reschedule()
+        self._agenda.at(when, _STATE, ev.index, run)
+
+    def _end_burst(self, ev: Event, oid: int, t: float) -> None:
+        for c in ev.clients:
+            for d in DIRECTIONS:
+                self._bursts.get((d, c), {}).pop(oid, None)
+            self._refresh_caps(c)
+        self._log_event(ev, phase="end")
+
+    def _heal(self, ev: Event, t: float) -> None:
+        self._partitioned.difference_update(ev.clients)
+        self.log("net_event", action="heal", clients=format_clients(ev.clients), event=ev.index, cause="duration")
+
+    def _end_slowdown(self, ev: Event, oid: int, t: float) -> None:
+        for c in ev.clients:
+            self._slow.get(c, {}).pop(oid, None)
+        self._log_event(ev, phase="end")
+
+    def _restart(self, ev: Event, t: float) -> None:
+        self._crashed.difference_update(ev.clients)
+        self.log("net_event", action="restart", clients=format_clients(ev.clients), event=ev.index,
+                 cause="restart_after")
+        self._to_runtime({"action": "restart", "clients": list(ev.clients), "event": ev.index, "round": None,
+                          "t": self._sim(t)})

@@ -1,0 +1,130 @@
+"""The wire schema: round trips, and every kind of bad input rejected with a reason."""
+import msgpack
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from algorithms.base import Payload
+from fedsim import codec
+from fedsim.codec import CodecError, Limits, Message
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.int8,
+          torch.int16, torch.int32, torch.int64, torch.bool]
+
+
+def msg(tensors=None, meta=None, bits=0):
+    return Message(src=3, dst=-1, round=7, kind="model", version=7,
+                   payload=Payload(tensors or {}, meta or {}, bits), msg_id=11, sent_at=1.25)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dtype=st.sampled_from(DTYPES), shape=st.lists(st.integers(0, 5), max_size=4))
+def test_round_trip_any_dtype_and_shape(dtype, shape):
+    t = (torch.rand(shape) * 100).to(dtype)
+    m = msg({"w": t, "b": torch.arange(3.0)}, {"samples": 4, "nested": {"a": [1, 2.5, "x"]}}, bits=123)
+    out = codec.decode(codec.encode(m))
+    assert out.payload.tensors["w"].dtype == dtype and tuple(out.payload.tensors["w"].shape) == tuple(shape)
+    assert torch.equal(out.payload.tensors["w"], t)
+    assert out.payload.meta == m.payload.meta and out.payload.payload_bits == 123
+    assert (out.src, out.dst, out.round, out.kind, out.version, out.msg_id, out.sent_at) == (3, -1, 7, "model", 7, 11, 1.25)
+
+
+def test_wire_bytes_are_frames_plus_zmtp_framing():
+    frames = codec.encode(msg({"w": torch.zeros(1000)}))
+    assert codec.wire_size(frames) == sum(len(f) for f in frames) + 9 + (2 if len(frames[0]) <= 255 else 9)
+    assert len(frames[1]) == 4000  # raw float32 bytes, nothing added
+
+
+def test_broadcast_shares_tensor_frames_between_envelopes():
+    p = Payload({"w": torch.randn(10)})
+    shared = codec.encode_tensors(p)
+    a = codec.encode(Message(-1, 0, 1, "model", 1, p), shared)
+    b = codec.encode(Message(-1, 5, 1, "model", 1, p), shared)
+    assert a[1] is b[1]
+    assert codec.decode(a).dst == 0 and codec.decode(b).dst == 5
+
+
+def test_random_bytes_rejected():
+    rng = np.random.default_rng(0)
+    for n in [0, 1, 3, 4, 5, 17, 300]:
+        with pytest.raises(CodecError):
+            codec.decode([rng.bytes(n)])
+
+
+def test_truncated_msgpack_rejected():
+    frames = codec.encode(msg({"w": torch.ones(4)}))
+    with pytest.raises(CodecError) as e:
+        codec.decode([frames[0][:-3], frames[1]])
+    assert e.value.reason in ("bad_msgpack", "checksum", "bad_envelope")
+
+
+def test_shape_disagreeing_with_bytes_rejected():
+    frames = codec.encode(msg({"w": torch.ones(4)}))
+    with pytest.raises(CodecError) as e:
+        codec.decode([frames[0], frames[1][:-4]])
+    assert e.value.reason == "shape_mismatch"
+
+
+def forge(head_updates, tensor_frames=()):
+    head = codec.peek_route(codec.encode(msg())[0])
+    head.update(head_updates)
+    env = msgpack.packb(head, use_bin_type=True)
+    import zlib
+    crc = 0
+    for f in tensor_frames:
+        crc = zlib.crc32(f, crc)
+    return [codec._CRC.pack(zlib.crc32(env, crc)) + env, *tensor_frames]
+
+
+def test_huge_declared_size_rejected_before_allocation():
+    frames = forge({"tn": [["w", "float32", [2 ** 29]]]}, [b"\0" * 16])  # 2 GiB declared
+    with pytest.raises(CodecError) as e:
+        codec.decode(frames, Limits(max_message_bytes=256 * 2 ** 20))
+    assert e.value.reason == "oversized"
+
+
+@pytest.mark.parametrize("update, reason", [
+    ({"tn": [["w", "object", [1]]]}, "bad_dtype"),
+    ({"tn": [["w", "float32", [-1]]]}, "bad_shape"),
+    ({"tn": [["w", "float32", [1] * 9]]}, "bad_shape"),
+    ({"tn": [["w", "float32"]]}, "bad_tensor_spec"),
+    ({"tn": [["w", "float32", [1]], ["w", "float32", [1]]]}, "bad_tensor_spec"),
+    ({"v": 99}, "bad_version"),
+    ({"src": "three"}, "bad_envelope"),
+    ({"round": 1, "r": None}, "bad_envelope"),
+])
+def test_malformed_envelopes_rejected(update, reason):
+    with pytest.raises(CodecError) as e:
+        codec.decode(forge(update, [b"\0" * 4] * len(update.get("tn", []))))
+    assert e.value.reason == reason
+
+
+def test_missing_field_rejected():
+    head = codec.peek_route(codec.encode(msg())[0])
+    del head["k"]
+    env = msgpack.packb(head)
+    with pytest.raises(CodecError, match="missing field 'k'"):
+        codec.peek_route(b"\0\0\0\0" + env)
+
+
+def test_wrong_frame_count_rejected():
+    frames = codec.encode(msg({"w": torch.ones(2)}))
+    with pytest.raises(CodecError) as e:
+        codec.decode([frames[0]])
+    assert e.value.reason == "frame_count"
+
+
+def test_every_single_bit_flip_is_caught():
+    frames = codec.encode(msg({"w": torch.arange(6.0)}, {"samples": 3}))
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        bad = codec.corrupt(frames, rng)
+        with pytest.raises(CodecError):
+            codec.decode(bad)
+
+
+def test_oversized_header_rejected():
+    with pytest.raises(CodecError) as e:
+        codec.peek_route(b"\0" * 100, Limits(max_header_bytes=50))
+    assert e.value.reason == "oversized_header"

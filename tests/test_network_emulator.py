@@ -1,0 +1,212 @@
+"""The emulator's behaviour: fates, timelines, stragglers, availability, determinism."""
+from __future__ import annotations
+
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from network.config import parse_network
+from network.emulator import Emulator
+from network.simclock import HeapClock
+
+RICH = {"network": {"transport": "datagram", "loss": 0.02, "jitter": "5ms", "duplicate": 0.05,
+                    "corrupt": 0.05, "uplink": "2Mbps", "server": {"downlink": "8Mbps"}},
+        "stragglers": {"distribution": "lognormal", "sigma": 0.5, "noise": 0.2},
+        "availability": {"mean_online": "20s", "mean_offline": "5s", "clients": "0-3"}}
+
+
+def make(sections, n, seed=0, start=0.0, base=pathlib.Path(".")):
+    clock = HeapClock(start)
+    log: list = []
+    em = Emulator(parse_network(sections, n, base), n, clock, seed, lambda e, **f: log.append((e, f)))
+    return em, clock, log
+
+
+def traffic(seed, sections=RICH, n=6, msgs=400):
+    """A fixed call sequence: round-robin uploads and downloads every 50 ms."""
+    em, clock, log = make(sections, n, seed)
+    got: list = []
+    for i in range(msgs):
+        c, d = i % n, ("up", "down")[(i // n) % 2]
+        clock.call_at(0.05 * i, lambda i=i, c=c, d=d: em.transfer(
+            d, c, 20_000 + 37 * i, lambda corrupt, i=i: got.append((i, round(clock.now(), 12), corrupt))))
+    clock.run(until=60)
+    speeds = [em.compute_time(c, 1e9, r) for c in range(n) for r in range(3)]
+    return got, log, speeds
+
+
+def test_same_seed_same_fates_other_seed_different():
+    a, b, c = traffic(1), traffic(1), traffic(2)
+    assert a == b
+    assert a[0] != c[0] and a[2] != c[2]
+    got, log, _ = a
+    kinds = {f["reason"] for e, f in log if e == "drop"}
+    assert {"loss", "offline"} <= kinds                                   # both kinds of loss happened
+    assert any(corrupt for _, _, corrupt in got)
+    ids = [i for i, _, _ in got]
+    assert len(ids) != len(set(ids))                                     # duplicates delivered
+
+
+def test_streams_are_per_purpose():
+    """Adding jitter must not change which messages are lost."""
+    base = {"network": {"transport": "datagram", "loss": 0.1, "latency": "10ms"}}
+    jit = {"network": {**base["network"], "jitter": "3ms"}}
+    a, _, _ = traffic(5, base, n=3, msgs=300)
+    b, _, _ = traffic(5, jit, n=3, msgs=300)
+    assert sorted({i for i, _, _ in a}) == sorted({i for i, _, _ in b})
+    assert [t for _, t, _ in a] != [t for _, t, _ in b]
+
+
+def test_duplicate_and_corrupt_rates():
+    em, clock, log = make({"network": {"duplicate": 0.1, "corrupt": 0.2, "latency": 0}}, 1, seed=3)
+    got: list = []
+    n = 5000
+    for i in range(n):
+        em.transfer("down", 0, 10, lambda corrupt, i=i: got.append((i, corrupt)))
+    clock.run()
+    dups = len(got) - n
+    assert sum(1 for e, _ in log if e == "duplicate") == dups
+    assert abs(dups / n - 0.1) < 4 * math.sqrt(0.09 / n)
+    frac = sum(c for _, c in got) / len(got)
+    assert abs(frac - 0.2) < 4 * math.sqrt(0.16 / len(got))
+
+
+def test_partition_and_heal():
+    ev = [{"at": "1s", "action": "partition", "clients": "1-2"},
+          {"at": "3s", "action": "heal", "clients": "1"},
+          {"at": "4s", "action": "partition", "clients": "0", "duration": "1s"}]
+    em, clock, log = make({"network": {"uplink": "1Mbps", "latency": 0}, "events": ev}, 3)
+    got: list = []
+
+    def up(c, nbytes=125_000):  # 1 s at 1 Mbps
+        em.transfer("up", c, nbytes, lambda corrupt: got.append((c, clock.now())))
+
+    clock.call_at(0.5, lambda: up(1))          # cut mid-transfer at 1 s
+    clock.call_at(2.0, lambda: up(2))          # sent while partitioned
+    clock.call_at(3.5, lambda: up(1))          # healed at 3 s
+    clock.call_at(4.5, lambda: up(0, 1000))    # partitioned until 5 s
+    clock.call_at(5.01, lambda: up(0, 1000))   # healed at 5 s
+    clock.call_at(2.5, lambda: got.append(("online", em.is_online(2), em.is_online(0))))
+    clock.run(until=20)
+    assert got == [("online", False, True), (1, pytest.approx(4.5)), (0, pytest.approx(5.018))]
+    drops = [(f["client"], f["reason"]) for e, f in log if e == "drop"]
+    assert drops == [(1, "partition"), (2, "partition"), (0, "partition")]
+    nets = [(f["action"], f["clients"]) for e, f in log if e == "net_event"]
+    assert nets == [("partition", "1-2"), ("heal", "1"), ("partition", "0"), ("heal", "0")]
+
+
+def test_crash_restart_go_to_the_runtime():
+    ev = [{"at": "2s", "action": "crash", "clients": "1", "restart_after": "30s"},
+          {"at_round": 3, "action": "crash", "clients": "0,2"},
+          {"at_round": 5, "action": "restart", "clients": "0-2"}]
+    em, clock, log = make({"events": ev}, 3)
+    seen: list = []
+    clock.run(until=1.0)
+    em.on_runtime_event(lambda e: seen.append((clock.now(), e["action"], e["clients"])))
+    clock.run(until=10)
+    assert seen == [(2.0, "crash", [1])] and not em.is_online(1)
+    assert em.start_round(2) == []
+    r3 = em.start_round(3)
+    assert [(e["action"], e["clients"], e["round"]) for e in r3] == [("crash", [0, 2], 3)]
+    assert not em.is_online(0)
+    got: list = []
+    em.transfer("down", 0, 100, lambda corrupt: got.append(corrupt))
+    clock.run(until=40)
+    assert seen[-1] == (32.0, "restart", [1]) and em.is_online(1)
+    assert got == [] and ("drop", {"direction": "down", "client": 0, "nbytes": 100, "reason": "crashed", "tid": 1}) in log
+    assert [e["action"] for e in em.start_round(5)] == ["restart"] and em.is_online(0)
+
+
+def test_timed_crash_before_callback_is_held():
+    em, clock, _ = make({"events": [{"at": "0s", "action": "crash", "clients": "0"}]}, 1)
+    clock.run(until=1)
+    seen: list = []
+    em.on_runtime_event(seen.append)
+    assert [e["action"] for e in seen] == ["crash"]
+
+
+def test_stragglers_and_slowdown():
+    sec = {"stragglers": {"distribution": "pareto", "alpha": 1.5, "speed": 2e9},
+           "events": [{"at_round": 2, "action": "slowdown", "clients": "1", "factor": 4, "duration": "10s"}]}
+    em, clock, log = make(sec, 200, seed=4)
+    speeds = np.array([em.speed(c) for c in range(200)])
+    assert speeds.max() <= 2e9 and speeds.min() < 0.2e9            # heavy tail of slow devices
+    t1 = em.compute_time(1, 1e9, 0)
+    assert t1 == pytest.approx(1e9 / speeds[1])
+    em.start_round(2)
+    assert em.compute_time(1, 1e9, 2) == pytest.approx(4 * t1)
+    assert em.compute_time(2, 1e9, 2) == pytest.approx(1e9 / speeds[2])
+    clock.run(until=11)
+    assert em.compute_time(1, 1e9, 3) == pytest.approx(t1)
+    assert [f.get("phase") for e, f in log if e == "net_event"] == [None, "end"]
+
+
+def test_straggler_noise_is_per_client_round_and_order_free():
+    sec = {"stragglers": {"distribution": "lognormal", "sigma": 0.3, "noise": 0.2}}
+    a, _, _ = make(sec, 4, seed=9)
+    b, _, _ = make(sec, 4, seed=9)
+    fwd = [a.compute_time(c, 1e9, r) for c in range(4) for r in range(5)]
+    rev = [b.compute_time(c, 1e9, r) for c in reversed(range(4)) for r in reversed(range(5))]
+    assert fwd == list(reversed(rev))
+    assert len(set(fwd)) == len(fwd)
+
+
+def test_straggler_trace_file(tmp_path):
+    (tmp_path / "speeds.csv").write_text("client,flops\n0,1e9\n1,5e8\n")
+    em, _, _ = make({"stragglers": {"distribution": "trace", "file": "speeds.csv"}}, 3, base=tmp_path)
+    assert [em.speed(c) for c in range(3)] == [1e9, 5e8, 1e9]
+
+
+def test_availability_fractions_and_drops():
+    """Exponential on/off with means 30 s / 10 s: each client offline a quarter of the time."""
+    sec = {"availability": {"mean_online": "30s", "mean_offline": "10s", "clients": "all"}}
+    n, horizon, dt = 20, 4000.0, 1.0
+    em, clock, log = make(sec, n, seed=11)
+    offline = np.zeros(n)
+    samples = 0
+    t = 0.0
+    while t < horizon:
+        t += dt
+        clock.run(until=t)
+        offline += [not em.is_online(c) for c in range(n)]
+        samples += 1
+    frac = offline.sum() / (samples * n)
+    # ~ n * horizon / 40 s on/off cycles in all: relative error of order 1/sqrt(2000)
+    assert frac == pytest.approx(0.25, abs=0.03)
+    toggles = [f for e, f in log if e == "net_event" and f.get("cause") == "availability"]
+    assert abs(len(toggles) - 2 * n * horizon / 40) < 0.1 * 2 * n * horizon / 40
+
+
+def test_offline_client_loses_messages():
+    em, clock, log = make({"availability": {"mean_online": "1s", "mean_offline": "1000s", "clients": "0"}}, 2, seed=1)
+    clock.run(until=100)          # client 0 has almost surely gone offline by now
+    assert not em.is_online(0) and em.is_online(1)
+    got: list = []
+    em.transfer("up", 0, 10, lambda c: got.append(0))
+    em.transfer("up", 1, 10, lambda c: got.append(1))
+    clock.run(until=101)
+    assert got == [1]
+    assert [f["reason"] for e, f in log if e == "drop"] == ["offline"]
+
+
+def test_set_link_latency_and_tcp_order():
+    ev = [{"at": "1s", "action": "set_link", "clients": "0", "latency": "500ms", "direction": "down"}]
+    em, clock, _ = make({"network": {"latency": "10ms", "downlink": "1Gbps"}, "events": ev}, 1)
+    got: list = []
+    clock.call_at(0.9, lambda: em.transfer("down", 0, 0, lambda c: got.append(("a", clock.now()))))
+    clock.call_at(1.1, lambda: em.transfer("down", 0, 0, lambda c: got.append(("b", clock.now()))))
+    clock.call_at(1.2, lambda: em.transfer("up", 0, 0, lambda c: got.append(("c", clock.now()))))
+    clock.run()
+    assert got == [("a", pytest.approx(0.91)), ("c", pytest.approx(1.21)), ("b", pytest.approx(1.6))]
+
+
+def test_rejects_bad_calls():
+    em, _, _ = make({}, 2)
+    with pytest.raises(ValueError):
+        em.transfer("sideways", 0, 1, lambda c: None)
+    with pytest.raises(ValueError):
+        em.transfer("up", 2, 1, lambda c: None)
+    with pytest.raises(ValueError):
+        Emulator(parse_network({}, 3, pathlib.Path(".")), 2, HeapClock(), 0, lambda e, **f: None)

@@ -1,0 +1,178 @@
+"""Bandwidth sharing: the max-min fluid model alone, and through the emulator, in closed form."""
+from __future__ import annotations
+
+import math
+import pathlib
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from network.config import parse_network
+from network.emulator import Emulator
+from network.fluid import Flow, FluidNetwork, max_min_rates
+from network.simclock import HeapClock
+
+REL = 1e-6
+
+
+def make(sections, n, base=pathlib.Path("."), seed=0, start=0.0):
+    clock = HeapClock(start)
+    log: list = []
+    em = Emulator(parse_network(sections, n, base), n, clock, seed, lambda e, **f: log.append((e, f)))
+    return em, clock, log
+
+
+def send(em, clock, direction, client, nbytes, arrivals):
+    em.transfer(direction, client, nbytes, lambda corrupt: arrivals.append((client, clock.now(), corrupt)))
+
+
+# ----------------------------------------------------------------------------- pure model
+def test_water_filling_by_hand():
+    cap = {"s": 10.0, "a": 1.0, "b": 2.0, "c": math.inf}
+    flows = [Flow(i, 1, 1, (r, "s")) for i, r in enumerate("abcc")]
+    assert max_min_rates(flows, cap) == {0: 1.0, 1: 2.0, 2: 3.5, 3: 3.5}
+    # a per-flow cap acts like a private link
+    flows[2].cap = 0.5
+    assert max_min_rates(flows, cap) == {0: 1.0, 1: 2.0, 2: 0.5, 3: 6.5}
+    # no finite constraint: infinite rate
+    assert max_min_rates([Flow("x", 1, 1, ("c",))], cap) == {"x": math.inf}
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.data())
+def test_max_min_fair_bottleneck_property(data):
+    """Every flow is at its cap or has a saturated link on which no flow gets more: the
+    defining property of the max-min fair allocation; and no link is over capacity."""
+    n_res = data.draw(st.integers(1, 5))
+    caps = {r: data.draw(st.sampled_from([math.inf, 1.0, 2.5, 4.0, 7.0, 10.0])) for r in range(n_res)}
+    n_flows = data.draw(st.integers(1, 8))
+    flows = []
+    for i in range(n_flows):
+        res = tuple(sorted(data.draw(st.sets(st.integers(0, n_res - 1), min_size=1, max_size=3))))
+        cap = data.draw(st.sampled_from([math.inf, math.inf, 0.5, 3.0]))
+        flows.append(Flow(i, 1, 1, res, cap))
+    rate = max_min_rates(flows, caps)
+    load = {r: sum(rate[f.fid] for f in flows if r in f.resources) for r in caps}
+    for r, c in caps.items():
+        if math.isfinite(c):
+            assert load[r] <= c * (1 + 1e-9)
+    for f in flows:
+        x = rate[f.fid]
+        if math.isinf(x):
+            assert math.isinf(f.cap) and all(math.isinf(caps[r]) for r in f.resources)
+            continue
+        if x >= f.cap * (1 - 1e-9):
+            continue
+        assert any(math.isfinite(caps[r]) and load[r] >= caps[r] * (1 - 1e-9)
+                   and all(rate[g.fid] <= x * (1 + 1e-9) for g in flows if r in g.resources)
+                   for r in f.resources), (f, rate, caps)
+
+
+def test_fluid_late_advance_gives_exact_times():
+    def build():
+        net = FluidNetwork(0.0)
+        net.set_capacity("s", 10.0)
+        for i, (bits, link) in enumerate([(8, 1.0), (8, 2.0), (8, 100.0), (16, 100.0)]):
+            net.set_capacity(("c", i), link)
+            net.add(i, bits, (("c", i), "s"))
+        return net
+    a, b = build(), build()
+    done_once = a.advance(100.0)
+    done_steps = []
+    t = 0.0
+    while t < 100.0:
+        t += 0.37
+        done_steps += b.advance(t)
+    t1 = 8 / 3.5
+    want = {2: t1, 3: t1 + 8 / 7, 1: 4.0, 0: 8.0}
+    assert [fid for fid, _ in done_once] == [2, 3, 1, 0]
+    for fid, tc in done_once:
+        assert tc == pytest.approx(want[fid], rel=1e-12)
+    for (f1, t1_), (f2, t2_) in zip(done_once, done_steps):
+        assert f1 == f2 and t2_ == pytest.approx(t1_, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- emulator
+@pytest.mark.parametrize("n", [1, 4, 16])
+def test_equal_uploads_share_server_downlink(n):
+    B, C, L = 250_000, 10e6, 0.03
+    em, clock, _ = make({"network": {"uplink": "1Gbps", "latency": L, "server": {"downlink": C}}}, n)
+    got: list = []
+    for c in range(n):
+        send(em, clock, "up", c, B, got)
+    clock.run()
+    assert len(got) == n
+    for _, t, corrupt in got:
+        assert t == pytest.approx(L + n * B * 8 / C, rel=REL)
+        assert not corrupt
+    assert [c for c, _, _ in got] == list(range(n))   # equal times: order of transfer() calls
+
+
+def test_broadcast_costs_shared_server_uplink():
+    B, C, L, n = 100_000, 20e6, 0.01, 8
+    em, clock, _ = make({"network": {"downlink": "100Mbps", "latency": L, "server": {"uplink": C}}}, n)
+    got: list = []
+    for c in range(n):
+        send(em, clock, "down", c, B, got)
+    clock.run()
+    for _, t, _ in got:
+        assert t == pytest.approx(L + n * B * 8 / C, rel=REL)   # not L + B*8/100Mbps
+
+
+def test_max_min_with_slow_clients():
+    """Server downlink 10 Mbps; uplinks 1, 2, 100, 100 Mbps; 8, 8, 16, 8 Mbit.
+    Water-filling: 1, 2, 3.5, 3.5 until client 3 ends at 8/3.5 s; then client 2 gets 7 Mbps."""
+    L = 0.02
+    sections = {"network": {"uplink": "100Mbps", "latency": L, "server": {"downlink": "10Mbps"},
+                            "group": [{"clients": "0", "uplink": "1Mbps"}, {"clients": "1", "uplink": "2Mbps"}]}}
+    em, clock, _ = make(sections, 4)
+    got: list = []
+    for c, nbytes in enumerate([1_000_000, 1_000_000, 2_000_000, 1_000_000]):
+        send(em, clock, "up", c, nbytes, got)
+    clock.run()
+    t1 = 8 / 3.5
+    want = {3: L + t1, 2: L + t1 + 8 / 7, 1: L + 4.0, 0: L + 8.0}
+    assert [c for c, _, _ in got] == [3, 2, 1, 0]
+    for c, t, _ in got:
+        assert t == pytest.approx(want[c], rel=REL)
+
+
+def test_transfer_straddling_trace_breakpoints(tmp_path):
+    (tmp_path / "bw.csv").write_text("time,bps\n0,1Mbps\n2s,4Mbps\n5s,500kbps\n")
+    L = 0.05
+    em, clock, _ = make({"network": {"uplink": {"trace": "bw.csv"}, "latency": L}}, 2, tmp_path)
+    got: list = []
+    clock.call_at(1.0, lambda: send(em, clock, "up", 0, 1_000_000, got))   # 8 Mbit
+    clock.call_at(1.0, lambda: send(em, clock, "up", 1, 2_000_000, got))   # 16 Mbit
+    clock.run(until=100)
+    want = {0: 1.0 + 1.0 + 7 / 4 + L,          # 1 Mbit by t=2, then 7 Mbit at 4 Mbps
+            1: 1.0 + 1.0 + 3.0 + 3 / 0.5 + L}  # 1 + 12 Mbit by t=5, then 3 Mbit at 0.5 Mbps
+    for c, t, _ in got:
+        assert t == pytest.approx(want[c], rel=REL)
+
+
+def test_trace_relative_to_emulator_start(tmp_path):
+    """Trace times count from the clock reading at construction (a wall clock is not 0)."""
+    (tmp_path / "bw.csv").write_text("0,1Mbps\n1,2Mbps\n")
+    em, clock, _ = make({"network": {"uplink": "bw.csv", "latency": 0}}, 1, tmp_path, start=1000.0)
+    got: list = []
+    send(em, clock, "up", 0, 250_000, got)   # 2 Mbit: 1 Mbit in the first second, 1 at 2 Mbps
+    clock.run()
+    assert got[0][1] == pytest.approx(1000.0 + 1.5, rel=1e-9)
+
+
+def test_set_link_mid_transfer_reshapes_rate():
+    em, clock, _ = make({"network": {"uplink": "1Mbps", "latency": 0},
+                         "events": [{"at": "1s", "action": "set_link", "clients": "0", "uplink": "3Mbps"}]}, 1)
+    got: list = []
+    send(em, clock, "up", 0, 500_000, got)   # 4 Mbit: 1 in the first second, 3 at 3 Mbps
+    clock.run()
+    assert got[0][1] == pytest.approx(2.0, rel=REL)
+
+
+def test_zero_byte_and_latency_only():
+    em, clock, _ = make({"network": {"latency": "7ms"}}, 1)
+    got: list = []
+    send(em, clock, "down", 0, 0, got)
+    clock.run()
+    assert got[0][1] == pytest.approx(0.007, rel=REL)
