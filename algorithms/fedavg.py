@@ -23,7 +23,9 @@ class FedAvg(Algorithm):
 
     @dataclass
     class Config(Algorithm.Config):
-        local_epochs: int = 1
+        lr: float = 0.2
+        """Client learning rate."""
+        local_epochs: int = 2
         """Passes over the local data per round."""
         batch_size: int = 32
         """Local minibatch size (samples)."""

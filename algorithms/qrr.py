@@ -65,7 +65,7 @@ def randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator,
     return (q @ ub)[:, :k], s[:k], vh[:k]
 
 
-def tucker(t: torch.Tensor, ranks: tuple[int, ...], n_iter_max: int = 20) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def tucker(t: torch.Tensor, ranks: tuple[int, ...], n_iter_max: int = 5) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Tucker decomposition (core, factors) of ``t`` with tensorly on its pytorch backend."""
     import tensorly as tl
     from tensorly.decomposition import tucker as tl_tucker

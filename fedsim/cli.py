@@ -90,6 +90,66 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args, console):
+    from .scenario import load_scenario
+    try:
+        return load_scenario(args.scenario, args.set or [])
+    except ScenarioError as exc:
+        console.print(f"[red]scenario error:[/red] {exc}")
+        return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .deploy import serve
+    console = Console(stderr=True)
+    scenario = _load(args, console)
+    if scenario is None:
+        return 2
+    if scenario.run.clock != "real":
+        console.print("note: serve runs on the wall clock (run.clock = real)")
+        scenario.run.clock = "real"
+
+    def line(m, total):
+        acc = "-" if m.accuracy is None else f"{m.accuracy:.4f}"
+        print(f"round {m.round + 1}/{total}  acc {acc}  time {m.sim_time_s:.2f}s  up {_fmt_bytes(m.uplink_bytes)}",
+              file=sys.stderr, flush=True)
+
+    result = serve(scenario, args.bind, keys=args.keys, out_dir=args.out, progress=line,
+                   ready=lambda addr: console.print(f"listening on {addr}; waiting for {scenario.data.clients} clients"),
+                   registration_timeout=args.wait)
+    s = result.summary
+    print(f"final_accuracy={s['final_accuracy']:.4f} rounds={s['rounds']} uplink_bytes={s['uplink_bytes']} "
+          f"downlink_bytes={s['downlink_bytes']} model_sha256={s['model_sha256']}")
+    return 0
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from network.units import parse_clients
+
+    from .deploy import join
+    console = Console(stderr=True)
+    scenario = _load(args, console)
+    if scenario is None:
+        return 2
+    scenario.run.clock = "real"
+    ids = parse_clients(args.clients, scenario.data.clients, "--clients")
+    stats = join(scenario, args.connect, ids, keys=args.keys, key_name=args.key_name)
+    console.print(f"clients {args.clients}: done; counters {dict(stats.counters)}")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .deploy import make_keys
+    d = make_keys(args.directory, args.clients)
+    print(f"CURVE keys in {d}: server.key (public, give to clients), server.key_secret (server only), "
+          f"clients/client-i.key[_secret] (i < {args.clients})")
+    return 0
+
+
 def cmd_scenarios(args: argparse.Namespace) -> int:
     from .scenario import SCENARIO_DIR
     for path in sorted(SCENARIO_DIR.glob("*.toml")):
@@ -109,6 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", metavar="DIR", help="write events.jsonl, metrics.csv, summary.json here")
     p.add_argument("--quiet", action="store_true", help="no per-round progress")
     p.set_defaults(func=cmd_run)
+    sv = sub.add_parser("serve", help="run the server side on the wall clock, for clients in other processes/hosts")
+    sv.add_argument("scenario", nargs="?")
+    sv.add_argument("--set", action="append", metavar="KEY=VALUE")
+    sv.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint (tcp://host:port or ipc:///path)")
+    sv.add_argument("--keys", metavar="DIR", help="CURVE key directory from `fedsim keys` (encrypt + authenticate)")
+    sv.add_argument("--out", metavar="DIR")
+    sv.add_argument("--wait", type=float, default=120.0, help="seconds to wait for all clients to join")
+    sv.set_defaults(func=cmd_serve)
+    jn = sub.add_parser("join", help="host client actors that connect to a `fedsim serve` process")
+    jn.add_argument("scenario", nargs="?")
+    jn.add_argument("--set", action="append", metavar="KEY=VALUE")
+    jn.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    jn.add_argument("--clients", default="all", help='client ids hosted here, e.g. "0-9,12" (default all)')
+    jn.add_argument("--keys", metavar="DIR")
+    jn.add_argument("--key-name", default="client-0", help="which clients/<name>.key_secret to use")
+    jn.set_defaults(func=cmd_join)
+    ky = sub.add_parser("keys", help="create CURVE certificates for serve/join")
+    ky.add_argument("directory")
+    ky.add_argument("--clients", type=int, default=1)
+    ky.set_defaults(func=cmd_keys)
     s = sub.add_parser("scenarios", help="list the scenario files shipped in scenarios/")
     s.set_defaults(func=cmd_scenarios)
     args = parser.parse_args(argv)

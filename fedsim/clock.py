@@ -39,7 +39,7 @@ class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-t
         if events or timeout == 0:
             return events
         loop = self._loop
-        if loop.in_flight():
+        if loop.in_flight() > 0:
             loop.drain_transports()
             return []
         if timeout is None:

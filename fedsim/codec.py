@@ -38,6 +38,7 @@ _DTYPES: dict[str, torch.dtype] = {
     "int16": torch.int16, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in _DTYPES.items()}
 _CRC = struct.Struct(">I")
 _REQUIRED = {"v": int, "id": int, "src": int, "dst": int, "r": int, "k": str, "ver": int,
              "t": (int, float), "bits": int, "meta": dict, "tn": list}
@@ -183,8 +184,7 @@ def _tensor_specs(head: dict[str, Any], limits: Limits) -> list[tuple[str, torch
         if len(shape) > limits.max_ndim or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise CodecError("bad_shape", f"tensor {name!r} shape {shape!r:.80}")
         dtype = _DTYPES[dtype_name]
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        nbytes = math.prod(shape) * itemsize
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype_name]
         total += nbytes
         if total > limits.max_message_bytes:
             raise CodecError("oversized", f"declared tensors exceed {limits.max_message_bytes} bytes")

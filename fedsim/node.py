@@ -28,6 +28,7 @@ from .codec import SERVER, CodecError, Limits, Message
 NODE = -2
 """Sender id of node-level control messages (registration)."""
 HELLO = "_hello"
+DONE = "_done"
 
 
 class EventSink(Protocol):
@@ -48,6 +49,25 @@ class Stats:
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
+
+
+class _RecentIds:
+    """The last ``size`` message ids of one sender, for duplicate suppression in O(1)."""
+
+    def __init__(self, size: int = 65536):
+        self.ids: set[int] = set()
+        self.order: collections.deque[int] = collections.deque()
+        self.size = size
+
+    def add(self, msg_id: int) -> bool:
+        """False when ``msg_id`` was seen already."""
+        if msg_id in self.ids:
+            return False
+        self.ids.add(msg_id)
+        self.order.append(msg_id)
+        if len(self.order) > self.size:
+            self.ids.discard(self.order.popleft())
+        return True
 
 
 class Actor:
@@ -89,9 +109,11 @@ class Node:
         self.routes: dict[int, bytes] = {}
         """Server side: client id -> routing id of the node that hosts it."""
         self.registered: asyncio.Event | None = None
+        self.done = asyncio.Event()
+        """Client side: set when the server announces the end of the run."""
         self.expected_clients: int | None = None
         self._next_id = 0
-        self._seen: dict[int, collections.deque] = collections.defaultdict(lambda: collections.deque(maxlen=4096))
+        self._seen: dict[int, _RecentIds] = collections.defaultdict(_RecentIds)
         self._corrupt_rng = np.random.default_rng([seed, 0xC0])
 
     # --- sending -----------------------------------------------------------------
@@ -142,6 +164,15 @@ class Node:
                       payload=codec.Payload(meta={"clients": client_ids}))
         self.transport.send(codec.encode(self._stamp(msg)))
 
+    def farewell(self) -> None:
+        """Server side: tell every client node the run is over (control, not modelled)."""
+        for peer in sorted(set(self.routes.values())):
+            msg = Message(src=SERVER, dst=NODE, round=-1, kind=DONE, version=0, payload=codec.Payload())
+            try:
+                self.transport.send(codec.encode(self._stamp(msg)), peer)
+            except UnknownPeer:
+                pass
+
     # --- receiving ---------------------------------------------------------------
     def on_message(self, peer: bytes, frames: list) -> None:
         """Transport callback. Never raises for a peer's bytes."""
@@ -173,15 +204,16 @@ class Node:
             msg = codec.decode(frames, self.limits, head)
         except CodecError as exc:
             return self._reject(peer, exc.reason, str(exc))
+        if msg.dst == NODE and msg.kind == DONE and self.emulator is None:
+            self.done.set()
+            return
         actor = self.actors.get(msg.dst)
         if actor is None:
             return self._reject(peer, "unknown_destination", f"no actor {msg.dst} on this node")
-        seen = self._seen[msg.src]
-        if msg.msg_id in seen:
+        if not self._seen[msg.src].add(msg.msg_id):
             self.stats.count("duplicate")
             self.log("duplicate", src=msg.src, dst=msg.dst, kind=msg.kind, id=msg.msg_id)
             return
-        seen.append(msg.msg_id)
         self.log("deliver", src=msg.src, dst=msg.dst, kind=msg.kind, round=msg.round)
         actor.deliver(msg)
 

@@ -45,75 +45,44 @@ def round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-class Simulation:
-    """Everything one single-process run holds. Built by :func:`build`, driven by :meth:`main`."""
+class ServerSide:
+    """The server's node, its emulator and role, and the round loop."""
 
-    def __init__(self, scenario: Scenario, loop: asyncio.AbstractEventLoop, dataset: Dataset,
-                 parts: list[torch.Tensor], model: torch.nn.Module, algorithm: Algorithm):
+    def __init__(self, scenario: Scenario, loop: asyncio.AbstractEventLoop, transport: Transport, dataset: Dataset,
+                 model: torch.nn.Module, algorithm: Algorithm, events: EventLog, stats: Stats, limits: Limits):
         self.scenario, self.loop, self.dataset, self.model, self.algorithm = scenario, loop, dataset, model, algorithm
+        self.events, self.stats, self.transport = events, stats, transport
         run = scenario.run
-        n = scenario.data.clients
-        self.events = EventLog(loop.time)
-        self.stats = Stats()
-        self.emulator = Emulator(scenario.network, n, LoopClock(loop), run.seed, self.events)
-        self.context = zmq.Context()
-        address = f"inproc://fedsim-{uuid.uuid4().hex}"
-        limits = Limits()
-        self.server_transport = Transport(router=True, address=address, context=self.context,
-                                          max_message_bytes=limits.max_message_bytes)
-        self.client_transport = Transport(router=False, address=address, identity=b"clients-0", context=self.context,
-                                          max_message_bytes=limits.max_message_bytes)
-        if isinstance(loop, VirtualTimeLoop):
-            loop.transports = [self.server_transport, self.client_transport]
-        self.server_node = Node(self.server_transport, log=self.events, stats=self.stats, limits=limits,
-                                emulator=self.emulator, seed=run.seed)
-        self.server_node.expected_clients = n
-        self.client_node = Node(self.client_transport, log=self.events, stats=self.stats, limits=limits, seed=run.seed)
-        self.server = ServerRole(self.server_node, algorithm, stats=self.stats, log=self.events, max_wait_s=run.max_wait)
-        wps = work_per_sample(model, dataset.input_shape)
-        self.clients = [
-            ClientRole(i, self.client_node, algorithm, ClientData(dataset.train_x[idx], dataset.train_y[idx]),
-                       model=model, seed=run.seed, work_per_sample=wps, compute_time=self.emulator.compute_time,
-                       real_time=run.clock == "real", stats=self.stats, log=self.events)
-            for i, idx in enumerate(parts)
-        ]
-        self.emulator.on_runtime_event(self.on_runtime_event)
+        self.n_clients = scenario.data.clients
+        self.emulator = Emulator(scenario.network, self.n_clients, LoopClock(loop), run.seed, events)
+        self.node = Node(transport, log=events, stats=stats, limits=limits, emulator=self.emulator, seed=run.seed)
+        self.node.expected_clients = self.n_clients
+        self.role = ServerRole(self.node, algorithm, stats=stats, log=events, max_wait_s=run.max_wait)
         self.metrics: list[RoundMetrics] = []
-
-    def on_runtime_event(self, event: dict) -> None:
-        """Crash / restart of clients, fired by the scenario's timeline."""
-        action = event.get("action")
-        for c in event.get("clients", []):
-            if action == "crash":
-                self.clients[c].crash()
-            elif action == "restart":
-                self.clients[c].restart()
-        self.stats.count(f"fault_{action}", len(event.get("clients", [])))
+        self.start_time = 0.0
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.model, self.algorithm.model_params(), self.dataset.test_x, self.dataset.test_y)
 
-    async def main(self, progress: Progress | None) -> None:
+    async def run_rounds(self, progress: Progress | None, on_fault: Callable[[dict], None],
+                         registration_timeout: float | None) -> None:
         loop, run, stats = self.loop, self.scenario.run, self.stats
         registered = asyncio.Event()
-        self.server_node.registered = registered
-        self.server_transport.attach(loop, self.server_node.on_message)
-        self.client_transport.attach(loop, self.client_node.on_message)
-        self.client_node.hello(list(range(len(self.clients))))
-        await asyncio.wait_for(registered.wait(), timeout=None if run.clock == "virtual" else 30)
+        self.node.registered = registered
+        self.transport.attach(loop, self.node.on_message)
+        await asyncio.wait_for(registered.wait(), timeout=registration_timeout)
         self.start_time = loop.time()
         for r in range(run.rounds):
             for event in self.emulator.start_round(r) or []:
-                self.on_runtime_event(event)
-            participants = select_participants(len(self.clients), self.algorithm.config.client_fraction, run.seed, r)
-            self.server.begin_round(r, participants, run.round_deadline)
+                on_fault(event)
+            participants = select_participants(self.n_clients, self.algorithm.config.client_fraction, run.seed, r)
+            self.role.begin_round(r, participants, run.round_deadline)
             started = loop.time()
             self.events("round_start", round=r, participants=len(participants))
-            await self.algorithm.server_round(self.server)
+            await self.algorithm.server_round(self.role)
             now = loop.time()
-            last = r == run.rounds - 1
             acc = loss = None
-            if (r + 1) % run.eval_every == 0 or last:
+            if (r + 1) % run.eval_every == 0 or r == run.rounds - 1:
                 acc, loss = self.evaluate()
             self.events("round_end", round=r, accuracy=None if acc is None else round(acc, 6),
                         up=stats.uplink_bytes, down=stats.downlink_bytes)
@@ -124,6 +93,83 @@ class Simulation:
                 progress(m, run.rounds)
             if run.stop_at_target and acc is not None and run.target_accuracy is not None and acc >= run.target_accuracy:
                 break
+        self.node.farewell()
+
+
+class ClientSide:
+    """A client node hosting any number of client actors (one socket for all of them)."""
+
+    def __init__(self, scenario: Scenario, loop: asyncio.AbstractEventLoop, transport: Transport, dataset: Dataset,
+                 parts: list[torch.Tensor], client_ids: list[int], model: torch.nn.Module, algorithm: Algorithm,
+                 events: EventLog, stats: Stats, limits: Limits, compute_time):
+        run = scenario.run
+        self.loop, self.transport = loop, transport
+        self.node = Node(transport, log=events, stats=stats, limits=limits, seed=run.seed)
+        wps = work_per_sample(model, dataset.input_shape)
+        self.clients = {
+            i: ClientRole(i, self.node, algorithm, ClientData(dataset.train_x[parts[i]], dataset.train_y[parts[i]]),
+                          model=model, seed=run.seed, work_per_sample=wps, compute_time=compute_time,
+                          real_time=run.clock == "real", stats=stats, log=events)
+            for i in client_ids
+        }
+
+    def start(self) -> None:
+        self.transport.attach(self.loop, self.node.on_message)
+        self.node.hello(sorted(self.clients))
+
+    def on_fault(self, event: dict) -> None:
+        """Crash / restart of clients hosted here, fired by the scenario's timeline."""
+        action = event.get("action")
+        for c in event.get("clients", []):
+            client = self.clients.get(c)
+            if client is None:
+                continue
+            if action == "crash":
+                client.crash()
+            elif action == "restart":
+                client.restart()
+
+
+class Simulation:
+    """A single-process run: a server side and a client side over ``inproc``."""
+
+    def __init__(self, scenario: Scenario, loop: asyncio.AbstractEventLoop, dataset: Dataset,
+                 parts: list[torch.Tensor], model: torch.nn.Module, algorithm: Algorithm):
+        self.scenario, self.loop, self.algorithm = scenario, loop, algorithm
+        self.events = EventLog(loop.time)
+        self.stats = Stats()
+        self.context = zmq.Context()
+        address = f"inproc://fedsim-{uuid.uuid4().hex}"
+        limits = Limits()
+        self.server_transport = Transport(router=True, address=address, context=self.context,
+                                          max_message_bytes=limits.max_message_bytes)
+        self.client_transport = Transport(router=False, address=address, identity=b"clients-0", context=self.context,
+                                          max_message_bytes=limits.max_message_bytes)
+        if isinstance(loop, VirtualTimeLoop):
+            loop.transports = [self.server_transport, self.client_transport]
+        self.server = ServerSide(scenario, loop, self.server_transport, dataset, model, algorithm, self.events,
+                                 self.stats, limits)
+        self.emulator = self.server.emulator
+        self.server_node = self.server.node
+        self.client_side = ClientSide(scenario, loop, self.client_transport, dataset, parts,
+                                      list(range(scenario.data.clients)), model, algorithm, self.events, self.stats,
+                                      limits, self.emulator.compute_time)
+        self.client_node = self.client_side.node
+        self.clients = self.client_side.clients
+        self.emulator.on_runtime_event(self.on_runtime_event)
+
+    @property
+    def metrics(self) -> list[RoundMetrics]:
+        return self.server.metrics
+
+    def on_runtime_event(self, event: dict) -> None:
+        self.client_side.on_fault(event)
+        self.stats.count(f"fault_{event.get('action')}", len(event.get("clients", [])))
+
+    async def main(self, progress: Progress | None) -> None:
+        self.client_side.start()
+        await self.server.run_rounds(progress, self.on_runtime_event,
+                                     None if self.scenario.run.clock == "virtual" else 30)
 
     def close(self) -> None:
         self.server_transport.close()
@@ -168,7 +214,11 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
 
 
 def summarise(sim: Simulation, wall_s: float) -> RunResult:
-    scenario, stats, metrics = sim.scenario, sim.stats, sim.metrics
+    return summarise_parts(sim.scenario, sim.stats, sim.metrics, sim.events, sim.algorithm, wall_s)
+
+
+def summarise_parts(scenario: Scenario, stats: Stats, metrics: list[RoundMetrics], events: EventLog,
+                    algorithm: Algorithm, wall_s: float) -> RunResult:
     target = scenario.run.target_accuracy
     evaluated = [m for m in metrics if m.accuracy is not None]
     reached = next((m.sim_time_s for m in evaluated if target is not None and m.accuracy >= target), None)
@@ -195,8 +245,8 @@ def summarise(sim: Simulation, wall_s: float) -> RunResult:
         "messages_up": stats.messages_up,
         "messages_down": stats.messages_down,
         "counters": dict(sorted(stats.counters.items())),
-        "model_sha256": params_digest(sim.algorithm.model_params()),
-        "events_sha256": sim.events.sha256(),
-        "events": len(sim.events.rows),
+        "model_sha256": params_digest(algorithm.model_params()),
+        "events_sha256": events.sha256(),
+        "events": len(events.rows),
     }
-    return RunResult(summary, metrics, sim.events, sim.algorithm.model_params())
+    return RunResult(summary, metrics, events, algorithm.model_params())

@@ -312,12 +312,19 @@ class Emulator:
                 lost = bool(rng.random() >= p_intact(base.p, n))
             if extra > 0:
                 lost = bool(rng.random() >= p_intact(extra, n)) or lost
-        dup = bool(self._rng(_DUP, d, client).random() < link.duplicate)
-        cor = self._rng(_CORRUPT, d, client).random(2) < link.corrupt
-        jit = sample_jitter(link.jitter, self._rng(_JITTER, d, client), 2)
-        delays = tuple(max(0.0, link.latency + float(x)) for x in jit)
-        tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup,
-                       (bool(cor[0]), bool(cor[1])), delays)  # type: ignore[arg-type]
+        # A stream is only drawn from when its probability or scale is non-zero (creating
+        # 60,000 streams for 10,000 clean links costs seconds); each stays deterministic.
+        dup = link.duplicate > 0 and bool(self._rng(_DUP, d, client).random() < link.duplicate)
+        cor = (False, False)
+        if link.corrupt > 0:
+            u = self._rng(_CORRUPT, d, client).random(2)
+            cor = (bool(u[0] < link.corrupt), bool(u[1] < link.corrupt))
+        if link.jitter.distribution == "none" or link.jitter.scale == 0:
+            delays = (link.latency, link.latency)
+        else:
+            jit = sample_jitter(link.jitter, self._rng(_JITTER, d, client), 2)
+            delays = (max(0.0, link.latency + float(jit[0])), max(0.0, link.latency + float(jit[1])))
+        tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup, cor, delays)
         self._transfers[tid] = tr
         self._by_client.setdefault(client, set()).add(tid)
         server = ("server", "down") if direction == "up" else ("server", "up")
@@ -447,7 +454,7 @@ class Emulator:
     def _log_event(self, ev: Event, **extra: Any) -> None:
         fields = {k: v for k, v in ev.raw.items() if k not in ("action", "clients")}
         fields.update(extra)
-        self.log("net_event", action=ev.action, clients=format_clients(ev.clients), event=ev.index, **fields)
+        self.log("net_event", action=ev.action, clients=format_clients(ev.clients), index=ev.index, **fields)
 
     def _apply(self, ev: Event, now: float, round: int | None = None) -> dict | None:
         """Apply one event at ``now``; return the runtime-level record, if any."""
@@ -495,11 +502,11 @@ class Emulator:
             if ev.restart_after is not None:
                 self._later(now + ev.restart_after, ev, lambda t: self._restart(ev, t))
             self._reschedule()
-            return {"action": "crash", "clients": list(ev.clients), "event": ev.index, "round": round,
+            return {"action": "crash", "clients": list(ev.clients), "index": ev.index, "round": round,
                     "restart_after": ev.restart_after, "t": self._sim(now)}
         elif a == "restart":
             self._crashed.difference_update(ev.clients)
-            return {"action": "restart", "clients": list(ev.clients), "event": ev.index, "round": round,
+            return {"action": "restart", "clients": list(ev.clients), "index": ev.index, "round": round,
                     "t": self._sim(now)}
         self._reschedule()
         return None
@@ -521,7 +528,7 @@ class Emulator:
 
     def _heal(self, ev: Event, t: float) -> None:
         self._partitioned.difference_update(ev.clients)
-        self.log("net_event", action="heal", clients=format_clients(ev.clients), event=ev.index, cause="duration")
+        self.log("net_event", action="heal", clients=format_clients(ev.clients), index=ev.index, cause="duration")
 
     def _end_slowdown(self, ev: Event, oid: int, t: float) -> None:
         for c in ev.clients:
@@ -530,7 +537,7 @@ class Emulator:
 
     def _restart(self, ev: Event, t: float) -> None:
         self._crashed.difference_update(ev.clients)
-        self.log("net_event", action="restart", clients=format_clients(ev.clients), event=ev.index,
+        self.log("net_event", action="restart", clients=format_clients(ev.clients), index=ev.index,
                  cause="restart_after")
-        self._to_runtime({"action": "restart", "clients": list(ev.clients), "event": ev.index, "round": None,
+        self._to_runtime({"action": "restart", "clients": list(ev.clients), "index": ev.index, "round": None,
                           "t": self._sim(t)})

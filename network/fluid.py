@@ -215,6 +215,11 @@ class FluidNetwork:
                 eta = f.eta()
                 if math.isfinite(eta):
                     heapq.heappush(self._heap, (f.since + eta, f.order, f.version, f.fid))
+        if len(self._heap) > 4 * len(self.flows) + 64:
+            # Drop stale predictions, or the heap grows with the square of the flows.
+            self._heap = [(f.since + f.eta(), f.order, f.version, f.fid) for f in self.flows.values()
+                          if math.isfinite(f.eta())]
+            heapq.heapify(self._heap)
 
     def rate(self, fid: FlowId) -> float:
         self._rates()

@@ -1,0 +1,321 @@
+"""FedLoRU: federated low-rank updates (Park & Klabjan, 2024).
+
+Every factorised layer (the 2-D weights of the model's ``nn.Linear`` layers; all but the head
+with ``keep_last_dense``) is W = W0 + B A: a frozen base W0 (n×m) plus a low-rank module
+B (n×r), A (r×m). Clients train only the modules (and the dense parameters: biases, dense
+heads, which travel as FedAvg's deltas). Round t:
+
+1. ``train``: the server broadcasts the global modules A, B and the dense parameters (plus
+   what a client needs to hold the current base, below). Each client takes ``local_steps``
+   steps of minibatch SGD on its modules and returns A_c, B_c and its dense deltas.
+2. the server averages the modules and deltas (sample-weighted, client-id order);
+3. every τ rounds (``merge_every``) it merges the modules' product into the base,
+   W0 ← W0 + B A, and restarts the modules: A fresh (seeded: ``init_seed`` and the merge
+   count), B = 0, so W is unchanged by the restart. Repeated merges accumulate rank: the
+   model is not confined to rank r although each round only moves r-dimensional factors.
+
+The base is shared state. The server tracks which base version (number of merges) it sent
+each client: a client one merge behind receives the merged factors (B, A) and applies
+W0 ← W0 + B A itself, bit-identically to the server; a client with no or an older base
+receives W0 in full. A client whose base version is not the one the message names does not
+train: it replies ``resync`` (no tensors) and the server resends the full base in the same
+round. ``client_digest``/``server_digest`` hash (base version, W0). Invariant: the server's
+base equals the initial weights plus the sum of all merged products.
+
+Personalised variant (``personal_rank`` > 0, pFedLoRU, the paper's answer to heterogeneous
+clients): each client also keeps personal modules B_p (n×r_p), A_p (r_p×m) that never leave
+it (``ctx.state["personal"]``): W_c = W0 + B A + B_p A_p. Per round the client first trains
+the global modules with its personal ones fixed, then its personal modules (``local_steps``
+steps each) with the global ones fixed. The global model (``model_params``) excludes personal
+modules; :meth:`FedLoRU.personal_params` gives a client's personalised model.
+
+Bits per client and round (float32: 32 bits per value). Sums run over factorised layers
+(n×m, module rank r); D is the number of dense (non-factorised) parameter values.
+
+downlink ``train``:  32·[Σ r·(n + m) + D]
+                     + 32·Σ r·(n + m)   when the client is one merge behind (merged factors)
+                     + 32·Σ n·m         when it holds no or an older base (full W0: round 0, resync)
+uplink:              32·[Σ r·(n + m) + D]   (A_c, B_c, dense deltas); a ``resync`` reply: 0.
+
+Scenario keys (``[algorithm]``): ``rank``, ``merge_every`` (τ, rounds), ``local_steps``,
+``lr``, ``batch_size`` (0: full local data), ``keep_last_dense``, ``loss``,
+``personal_rank`` (0: off), ``init_seed``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import Algorithm, Params, Payload, ProtocolError, check, register, state_digest
+from .lowrank import (LOSSES, check_rank_fits, expect_tensors, float_bits, linear_weights, local_steps,
+                      mean_by, positive_samples)
+
+
+def init_modules(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator,
+                 ) -> tuple[Params, Params]:
+    """Fresh modules: A with orthonormal rows (a random r-dimensional subspace of the input
+    space), B = 0, so B A = 0. The first step on B then moves W by −λ·G·AᵀA, the gradient
+    projected onto that subspace at full step size; LoRA's default (A uniform in ±1/√m)
+    shrinks that step to about λ/3 and trains from scratch markedly slower."""
+    A, B = {}, {}
+    for k, (n, m) in shapes.items():
+        Q, _ = torch.linalg.qr(torch.randn((m, rank), generator=generator))
+        A[k] = Q.T.contiguous()
+        B[k] = torch.zeros((n, rank))
+    return A, B
+
+
+def merge(base: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """W0 + B A: the one expression both ends evaluate, so their bases stay bit-identical."""
+    return base + B @ A
+
+
+@register
+class FedLoRU(Algorithm):
+    name = "fedloru"
+    stateful = True
+
+    @dataclass
+    class Config(Algorithm.Config):
+        rank: int = 8
+        """r: rank of the global modules of every factorised layer (1 <= r <= min(n, m))."""
+        merge_every: int = 5
+        """τ (rounds): merge B A into the base and restart the modules every τ rounds."""
+        local_steps: int = 10
+        """Client SGD steps on the modules per round."""
+        batch_size: int = 32
+        """Samples per local step; 0 uses the client's full local data."""
+        keep_last_dense: bool = False
+        """Leave the last Linear layer dense (it then travels as FedAvg's deltas)."""
+        loss: str = "cross_entropy"
+        """Client objective: ``cross_entropy`` | ``mse`` (see ``lowrank.LOSSES``)."""
+        personal_rank: int = 0
+        """pFedLoRU: rank of each client's personal modules (never sent); 0 turns it off."""
+        init_seed: int = 0
+        """Seed of the modules' (re)initialisation at start and after every merge."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "must be an integer >= 1")
+            check(isinstance(self.merge_every, int) and self.merge_every >= 1, "merge_every", self.merge_every,
+                  "must be an integer >= 1 (rounds)")
+            check(isinstance(self.local_steps, int) and self.local_steps >= 1, "local_steps", self.local_steps,
+                  "must be an integer >= 1")
+            check(isinstance(self.batch_size, int) and self.batch_size >= 0, "batch_size", self.batch_size,
+                  "must be an integer >= 0 (0: full local data)")
+            check(self.loss in LOSSES, "loss", self.loss, f"must be one of {', '.join(LOSSES)}")
+            check(isinstance(self.personal_rank, int) and self.personal_rank >= 0, "personal_rank",
+                  self.personal_rank, "must be an integer >= 0 (0: off)")
+
+    def __init__(self, config: "FedLoRU.Config", model: torch.nn.Module):
+        super().__init__(config, model)
+        self.factorised = linear_weights(model, config.keep_last_dense)
+        check_rank_fits(self.factorised, self.params, config.rank)
+        if config.personal_rank:
+            check_rank_fits(self.factorised, self.params, config.personal_rank, "personal_rank")
+        self.shapes = {k: tuple(self.params[k].shape) for k in self.factorised}
+        self.dense_names = [k for k in self.params if k not in self.factorised]
+        self.base: Params = {k: self.params[k].clone() for k in self.factorised}
+        self.dense: Params = {k: self.params[k].clone() for k in self.dense_names}
+        self.base_version = 0
+        """Number of merges so far."""
+        self.A, self.B = self._fresh_modules()
+        self.last_merge: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        """(B, A) of every layer at the latest merge (sent to clients one merge behind)."""
+        self.version = 0
+        self._client_base: dict[int, int] = {}
+        self._base_digests: dict[int, bytes] = {0: self._base_digest()}
+        self.params = self.model_params()
+
+    def _fresh_modules(self) -> tuple[Params, Params]:
+        g = torch.Generator().manual_seed(self.config.init_seed * 1_000_003 + self.base_version)
+        return init_modules(self.shapes, self.config.rank, g)
+
+    def _base_digest(self) -> bytes:
+        return state_digest({"base_version": self.base_version, **{f"{k}.W0": w for k, w in self.base.items()}})
+
+    # ------------------------------------------------------------------ server
+
+    def model_params(self) -> Params:
+        return {k: (merge(self.base[k], self.B[k], self.A[k]) if k in self.base else self.dense[k]) for k in self.params}
+
+    def _payload_for(self, client: int) -> Payload:
+        tensors: Params = {}
+        for k in self.factorised:
+            tensors[f"{k}.A"], tensors[f"{k}.B"] = self.A[k], self.B[k]
+        tensors.update(self.dense)
+        meta: dict[str, Any] = {"base_version": self.base_version}
+        held = self._client_base.get(client)
+        if held == self.base_version - 1 and self.last_merge:
+            for k, (B, A) in self.last_merge.items():
+                tensors[f"{k}.mergeB"], tensors[f"{k}.mergeA"] = B, A
+            meta["merge_from"] = held
+        elif held != self.base_version:
+            tensors.update({f"{k}.W0": w for k, w in self.base.items()})
+        return Payload(tensors, meta, payload_bits=float_bits(tensors))
+
+    async def server_round(self, comm) -> None:
+        self.version += 1
+        v = self.version
+        await comm.broadcast("train", self._payload_for, version=v)
+        self._sent(comm.participants)
+        replies = await comm.gather("train", version=v)
+        resync = [c for c, r in replies.items() if r.payload.meta.get("resync")]
+        if resync:
+            # A client without the base named in the message: resend it in full, same round.
+            comm.count("fedloru_resync", len(resync))
+            for c in resync:
+                self._client_base.pop(c, None)
+                await comm.send(c, "train", self._payload_for(c), version=v)
+            self._sent(resync)
+            again = await comm.gather("train", version=v, clients=resync)
+            replies = {**{c: r for c, r in replies.items() if c not in resync}, **again}
+            replies = {c: r for c, r in sorted(replies.items()) if not r.payload.meta.get("resync")}
+        if replies:
+            w = [float(r.payload.meta["samples"]) for r in replies.values()]
+            for k in self.factorised:
+                self.A[k] = mean_by(replies, f"{k}.A", w)
+                self.B[k] = mean_by(replies, f"{k}.B", w)
+            for k in self.dense_names:
+                self.dense[k] = self.dense[k] + mean_by(replies, f"{k}.delta", w)
+        else:
+            comm.count("fedloru_rounds_without_replies")
+        # The merge schedule counts rounds, replies or not (merging unchanged modules is harmless).
+        if (comm.round + 1) % self.config.merge_every == 0:
+            self._merge()
+            comm.log("fedloru_merge", base_version=self.base_version)
+        self.params = self.model_params()
+
+    def _merge(self) -> None:
+        self.last_merge = {k: (self.B[k], self.A[k]) for k in self.factorised}
+        self.base = {k: merge(self.base[k], self.B[k], self.A[k]) for k in self.factorised}
+        self.base_version += 1
+        self.A, self.B = self._fresh_modules()
+        self._base_digests[self.base_version] = self._base_digest()
+        self._prune()
+
+    def _sent(self, clients: list[int]) -> None:
+        for c in clients:
+            self._client_base[c] = self.base_version
+        self._prune()
+
+    def _prune(self) -> None:
+        live = set(self._client_base.values()) | {self.base_version}
+        for version in [v for v in self._base_digests if v not in live]:
+            del self._base_digests[version]
+
+    def check_reply(self, kind: str, payload: Payload) -> None:
+        if kind != "train":
+            raise ProtocolError(f"fedloru: unexpected reply kind {kind!r}")
+        positive_samples(payload, "fedloru reply")
+        if payload.meta.get("resync"):
+            if payload.tensors:
+                raise ProtocolError("fedloru reply: a resync reply carries no tensors")
+            return
+        shapes: dict[str, tuple[int, ...]] = {}
+        for k, (n, m) in self.shapes.items():
+            shapes[f"{k}.A"], shapes[f"{k}.B"] = (self.config.rank, m), (n, self.config.rank)
+        shapes.update({f"{k}.delta": tuple(self.dense[k].shape) for k in self.dense_names})
+        expect_tensors(payload, shapes, "fedloru reply")
+
+    # ------------------------------------------------------------------ state digests
+
+    def client_digest(self, state: dict[str, Any]) -> bytes:
+        return state_digest(state.get("shared", {}))
+
+    def server_digest(self, client: int) -> bytes:
+        held = self._client_base.get(client)
+        return state_digest({}) if held is None else self._base_digests[held]
+
+    # ------------------------------------------------------------------ client
+
+    def client_handlers(self):
+        return {"train": self.on_train}
+
+    def _sync_base(self, ctx, payload: Payload) -> dict[str, Any] | None:
+        """The client's base after this message, or None when it cannot hold the named version."""
+        t, version = payload.tensors, payload.meta.get("base_version")
+        shared = ctx.state.get("shared")
+        if all(f"{k}.W0" in t for k in self.factorised):
+            shared = {"base_version": version, **{f"{k}.W0": t[f"{k}.W0"] for k in self.factorised}}
+        elif shared is not None and "merge_from" in payload.meta and shared["base_version"] == payload.meta["merge_from"]:
+            merged = {f"{k}.W0": merge(shared[f"{k}.W0"], t[f"{k}.mergeB"], t[f"{k}.mergeA"]) for k in self.factorised}
+            shared = {"base_version": payload.meta["merge_from"] + 1, **merged}
+        if shared is None or shared["base_version"] != version:
+            return None
+        ctx.state["shared"] = shared
+        return shared
+
+    def on_train(self, ctx, payload: Payload) -> Payload:
+        cfg = self.config
+        expected: dict[str, tuple[int, ...]] = {}
+        for k, (n, m) in self.shapes.items():
+            expected[f"{k}.A"], expected[f"{k}.B"] = (cfg.rank, m), (n, cfg.rank)
+            if f"{k}.W0" in payload.tensors:
+                expected[f"{k}.W0"] = (n, m)
+            if f"{k}.mergeB" in payload.tensors:
+                expected[f"{k}.mergeB"], expected[f"{k}.mergeA"] = (n, cfg.rank), (cfg.rank, m)
+        expected.update({k: tuple(self.params[k].shape) for k in self.dense_names})
+        expect_tensors(payload, expected, "fedloru train")
+        shared = self._sync_base(ctx, payload)
+        if shared is None:
+            held = (ctx.state.get("shared") or {}).get("base_version", -1)
+            return Payload(meta={"samples": len(ctx.x), "resync": True, "held_base": held}, payload_bits=0,
+                           version=payload.version)
+        base = {k: shared[f"{k}.W0"] for k in self.factorised}
+        t = payload.tensors
+        start = {f"{k}.{f}": t[f"{k}.{f}"] for k in self.factorised for f in ("A", "B")}
+        start.update({k: t[k] for k in self.dense_names})
+        generator = ctx.generator
+        personal = self._personal(ctx, generator)
+
+        def build_global(leaves):  # personal modules fixed
+            return self._compose(base, leaves, personal)
+        trained, seen = local_steps(ctx.model, build_global, start, ctx.x, ctx.y, loss=cfg.loss, lr=cfg.lr,
+                                    steps=cfg.local_steps, batch_size=cfg.batch_size, generator=generator)
+        if personal:
+            def build_personal(leaves):  # global modules fixed at their trained values
+                return self._compose(base, trained, leaves)
+            personal_trained, more = local_steps(ctx.model, build_personal, personal, ctx.x, ctx.y, loss=cfg.loss,
+                                                 lr=cfg.lr, steps=cfg.local_steps, batch_size=cfg.batch_size,
+                                                 generator=generator)
+            ctx.state["personal"] = personal_trained
+            seen += more
+        ctx.charge(seen)
+        out = {key: trained[key] for key in start if key not in self.dense_names}
+        out.update({f"{k}.delta": trained[k] - start[k] for k in self.dense_names})
+        return Payload(out, meta={"samples": len(ctx.x), "base_version": shared["base_version"]},
+                       payload_bits=float_bits(out), version=payload.version)
+
+    def _compose(self, base: Params, leaves: dict[str, torch.Tensor], personal: dict[str, torch.Tensor]) -> Params:
+        out = {}
+        for k in self.params:
+            if k in base:
+                w = base[k] + leaves[f"{k}.B"] @ leaves[f"{k}.A"]
+                if personal:
+                    w = w + personal[f"{k}.Bp"] @ personal[f"{k}.Ap"]
+                out[k] = w
+            else:
+                out[k] = leaves[k]
+        return out
+
+    def _personal(self, ctx, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """This client's personal modules (created on first use), or {} when off."""
+        rank = self.config.personal_rank
+        if not rank:
+            return {}
+        if "personal" not in ctx.state:
+            A, B = init_modules(self.shapes, rank, generator)
+            ctx.state["personal"] = {**{f"{k}.Ap": a for k, a in A.items()}, **{f"{k}.Bp": b for k, b in B.items()}}
+        return ctx.state["personal"]
+
+    def personal_params(self, state: dict[str, Any]) -> Params:
+        """A client's personalised model: the global model plus its personal modules (from its state)."""
+        params = self.model_params()
+        personal = state.get("personal")
+        if personal:
+            for k in self.factorised:
+                params[k] = params[k] + personal[f"{k}.Bp"] @ personal[f"{k}.Ap"]
+        return params

@@ -1,0 +1,304 @@
+"""PowerSGD (Vogels, Karimireddy & Jaggi, NeurIPS 2019), aggregated through a server.
+
+Each weight with more than one dimension is viewed as a matrix M (shape[0] x rest) and
+compressed at rank r = min(``rank``, n, m) when that pays, i.e. (n + m) r < n m (as PyTorch
+DDP's PowerSGD hook decides); vectors and layers where it does not pay travel uncompressed.
+A rank larger than a matrix is therefore clamped per layer, never an error.
+
+Round k (two round trips, as the paper's all-reduces become gathers at the server):
+
+  1. server broadcasts w_k and the shared warm-start Q (m x r per compressed layer);
+  2. client i: M_i = g_i + e_i (error feedback, kept by the client alone), P_i = M_i Q;
+     uploads P_i and the uncompressed layers' gradients;
+  3. server: P = mean_i P_i, P_hat = orthonormalise(P) (reduced QR); broadcasts P_hat to the
+     clients it heard from;
+  4. client i: Q_i = M_i^T P_hat, uploads Q_i; its new error is e_i = M_i - P_hat Q_i^T
+     (its own contribution), committed only once the server confirms it used Q_i;
+  5. server: Q = mean_i Q_i over the clients of step 4; w_{k+1} = w_k - lr (P_hat Q^T, and
+     the mean of the uncompressed gradients of the same clients); Q becomes the next warm start.
+
+State: every party holds the same Q (the server sends it each round; ``client_digest`` /
+``server_digest`` digest it). Error feedback is local; a client learns whether its round
+counted from ``included`` (the last round whose aggregate used its Q_i) in the next request,
+and keeps e = M_i - P_hat Q_i^T if so, e = M_i (nothing got through) otherwise. A crash
+empties e (it restarts from 0). Each reply names what it was computed against by content
+(``tag``: hash of the model and Q it received; ``p_tag``: hash of P_hat), so a stale reply is
+rejected (``stale_rejected``) even if its version were wrong. A client with a NaN/Inf
+gradient answers ``abstain`` (counted ``client_nonfinite``) and keeps its error memory. A
+column of Q that collapses to zero is redrawn (seeded) so the warm start never dies.
+
+payload_bits (uplink, per client per round): 32 (n r + m r) per compressed layer plus 32 per
+uncompressed value (phase 1 carries the n r and the uncompressed values, phase 2 the m r).
+Downlink: 32 bits per model value and per Q value (phase 1), per P_hat value (phase 2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .base import Algorithm, Params, Payload, ProtocolError, check, register, state_digest
+from .common import check_like, dense_bits
+from .laq import accumulator_tag, all_finite, gradient
+
+Q_SEED = 0x5EED
+
+
+def orthonormalise(p: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of ``p`` (reduced QR; safe on zero columns)."""
+    return torch.linalg.qr(p, mode="reduced").Q
+
+
+def low_rank_step(m: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One power-iteration compression of M on one worker: (P_hat, Q_new), M ~ P_hat Q_new^T."""
+    p_hat = orthonormalise(m @ q)
+    return p_hat, m.T @ p_hat
+
+
+@dataclass
+class Plan:
+    """How one parameter travels: as an (n x m) matrix at rank r, or raw."""
+
+    shape: tuple[int, ...]
+    n: int
+    m: int
+    rank: int
+
+    @property
+    def compressed(self) -> bool:
+        return self.rank > 0
+
+
+@register
+class PowerSGD(Algorithm):
+    name = "powersgd"
+    stateful = True
+
+    @dataclass
+    class Config(Algorithm.Config):
+        rank: int = 4
+        """r: rank of each compressed matrix (clamped to min(n, m) per layer)."""
+        batch_size: int = 32
+        """Minibatch size (samples) of each client's gradient; 0 = all local data."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
+                  "rank", self.rank, "must be an integer >= 1")
+            check(isinstance(self.batch_size, int) and self.batch_size >= 0, "batch_size", self.batch_size,
+                  "must be an integer >= 0 (0 = full local batch)")
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.plans: dict[str, Plan] = {}
+        for name, t in self.params.items():
+            shape = tuple(t.shape)
+            if len(shape) >= 2:
+                n, m = shape[0], math.prod(shape[1:])
+                r = min(config.rank, n, m)
+                if (n + m) * r < n * m:
+                    self.plans[name] = Plan(shape, n, m, r)
+                    continue
+            self.plans[name] = Plan(shape, 0, 0, 0)
+        self.compressed = [k for k, p in self.plans.items() if p.compressed]
+        self.raw = [k for k, p in self.plans.items() if not p.compressed]
+        self.Q: dict[str, torch.Tensor] = {k: self._fresh_q(k, 0) for k in self.compressed}
+        self.included: dict[int, int] = {}
+
+    def _fresh_q(self, name: str, salt: int) -> torch.Tensor:
+        plan = self.plans[name]
+        g = torch.Generator().manual_seed(Q_SEED + 7919 * self.compressed.index(name) + 104729 * salt)
+        return torch.randn(plan.m, plan.rank, generator=g)
+
+    # ---- encoding of P_i, Q_i and raw gradients (LQ-SGD overrides) -----------------------------
+
+    def encode(self, values: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """(wire tensors, values as the server will decode them, payload bits)."""
+        return dict(values), dict(values), 32 * sum(v.numel() for v in values.values())
+
+    def decode(self, tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        return {k: tensors[k] for k in shapes}
+
+    def wire_spec(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {k: (torch.float32, s) for k, s in shapes.items()}
+
+    def _p_shapes(self) -> dict[str, tuple[int, ...]]:
+        out = {f"P:{k}": (self.plans[k].n, self.plans[k].rank) for k in self.compressed}
+        out.update({f"G:{k}": self.plans[k].shape for k in self.raw})
+        return out
+
+    def _q_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {f"Q:{k}": (self.plans[k].m, self.plans[k].rank) for k in self.compressed}
+
+    # ---- server ----------------------------------------------------------------------------
+
+    def _round_tag(self) -> str:
+        return accumulator_tag({**{f"w:{k}": v for k, v in self.params.items()}, **{f"Q:{k}": v for k, v in self.Q.items()}})
+
+    async def server_round(self, comm) -> None:
+        r = comm.round
+        tag = self._round_tag()
+        q_bits = 32 * sum(q.numel() for q in self.Q.values())
+        tensors = {**self.params, **{f"Q:{k}": v for k, v in self.Q.items()}}
+
+        def request(client: int) -> Payload:
+            return Payload(tensors=tensors, meta={"included": self.included.get(client, -1)},
+                           payload_bits=dense_bits(self.params) + q_bits)
+
+        await comm.broadcast("p", request, version=r)
+        first = await comm.gather("p", version=r)
+        heard: dict[int, dict[str, torch.Tensor]] = {}
+        for c, reply in first.items():
+            if "abstain" in reply.payload.meta:
+                comm.count("client_nonfinite")
+            elif reply.payload.meta["tag"] != tag:
+                comm.count("stale_rejected")
+            else:
+                try:
+                    heard[c] = self.decode(reply.payload.tensors, self._p_shapes())
+                except ProtocolError as exc:
+                    comm.count("rejected")
+                    comm.log("rejected", client=c, reason=str(exc))
+        if not heard:
+            return
+        p_hat = {}
+        for k in self.compressed:
+            p_hat[k] = orthonormalise(_mean([heard[c][f"P:{k}"] for c in sorted(heard)]))
+        p_tag = accumulator_tag(p_hat)
+        await comm.broadcast("q", Payload(tensors={f"P:{k}": v for k, v in p_hat.items()}, meta={"p_tag": p_tag},
+                                          payload_bits=32 * sum(v.numel() for v in p_hat.values())),
+                             version=r, to=sorted(heard))
+        second = await comm.gather("q", version=r, clients=sorted(heard))
+        done: dict[int, dict[str, torch.Tensor]] = {}
+        for c, reply in second.items():
+            if c not in heard:
+                continue
+            if "abstain" in reply.payload.meta:
+                comm.count("client_abstained")
+            elif reply.payload.meta["p_tag"] != p_tag:
+                comm.count("stale_rejected")
+            else:
+                try:
+                    done[c] = self.decode(reply.payload.tensors, self._q_shapes())
+                except ProtocolError as exc:
+                    comm.count("rejected")
+                    comm.log("rejected", client=c, reason=str(exc))
+        if not done:
+            return
+        clients = sorted(done)
+        for k in self.compressed:
+            q_mean = _mean([done[c][f"Q:{k}"] for c in clients])
+            update = (p_hat[k] @ q_mean.T).reshape(self.plans[k].shape)
+            self.params[k] = self.params[k] - self.config.lr * update
+            self.Q[k] = self._revive(k, q_mean, r)
+        for k in self.raw:
+            self.params[k] = self.params[k] - self.config.lr * _mean([heard[c][f"G:{k}"] for c in clients])
+        for c in clients:
+            self.included[c] = r
+
+    def _revive(self, name: str, q: torch.Tensor, r: int) -> torch.Tensor:
+        dead = q.norm(dim=0) <= 1e-12
+        if bool(dead.any()):
+            q = torch.where(dead[None, :], self._fresh_q(name, r + 1), q)
+        return q.contiguous()
+
+    def check_reply(self, kind: str, payload: Payload) -> None:
+        who = f"{self.name} {kind}"
+        if kind not in ("p", "q"):
+            raise ProtocolError(f"{who}: unexpected message kind")
+        meta = payload.meta
+        if "abstain" in meta:
+            if set(meta) != {"abstain"} or not isinstance(meta["abstain"], str) or payload.tensors:
+                raise ProtocolError(f"{who}: malformed abstain")
+            return
+        key = "tag" if kind == "p" else "p_tag"
+        if set(meta) != {key} or not isinstance(meta[key], str):
+            raise ProtocolError(f"{who}: fields {sorted(meta)} are not [{key!r}]")
+        spec = self.wire_spec(self._p_shapes() if kind == "p" else self._q_shapes())
+        if set(payload.tensors) != set(spec):
+            raise ProtocolError(f"{who}: tensors {sorted(payload.tensors)} are not {sorted(spec)}")
+        for name, (dtype, shape) in spec.items():
+            t = payload.tensors[name]
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ProtocolError(f"{who}: {name!r} is {t.dtype}{tuple(t.shape)}, expected {dtype}{tuple(shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ProtocolError(f"{who}: {name!r} holds NaN or Inf")
+            if name.startswith("scale") and bool((t < 0).any()):
+                raise ProtocolError(f"{who}: negative scale")
+
+    # ---- client ----------------------------------------------------------------------------
+
+    def client_handlers(self):
+        return {"p": self.on_p, "q": self.on_q}
+
+    def on_p(self, ctx, payload: Payload) -> Payload:
+        model = {k: payload.tensors[k] for k in self.params if k in payload.tensors}
+        check_like(Payload(tensors=model), self.params, f"{self.name} model")
+        q = {k: payload.tensors.get(f"Q:{k}") for k in self.compressed}
+        for k, t in q.items():
+            plan = self.plans[k]
+            if t is None or tuple(t.shape) != (plan.m, plan.rank) or not bool(torch.isfinite(t).all()):
+                raise ProtocolError(f"{self.name} request: bad warm start for {k!r}")
+        state = ctx.state
+        self._settle_error(state, payload.meta.get("included"))
+        state["Q"] = q
+        _, grads, seen = gradient(ctx.model, model, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
+        ctx.charge(seen)
+        if not all_finite(grads):
+            state.pop("M", None)
+            return Payload(meta={"abstain": "nonfinite"})
+        error = state.get("e", {})
+        mats = {k: (grads[k] + error[k]) if k in error else grads[k].clone() for k in self.params}
+        values = {f"P:{k}": mats[k].reshape(self.plans[k].n, self.plans[k].m) @ q[k] for k in self.compressed}
+        values.update({f"G:{k}": mats[k] for k in self.raw})
+        wire, seen_by_server, bits = self.encode(values)
+        raw_error = {k: mats[k] - seen_by_server[f"G:{k}"] for k in self.raw}
+        state["M"] = {"version": payload.version, "mats": mats, "raw_error": raw_error}
+        tag = accumulator_tag({**{f"w:{k}": v for k, v in model.items()}, **{f"Q:{k}": v for k, v in q.items()}})
+        return Payload(tensors=wire, meta={"tag": tag}, payload_bits=bits)
+
+    def on_q(self, ctx, payload: Payload) -> Payload:
+        state = ctx.state
+        pending = state.get("M")
+        if pending is None or pending["version"] != payload.version:
+            return Payload(meta={"abstain": "no phase-1 state"})
+        p_hat = {}
+        for k in self.compressed:
+            t = payload.tensors.get(f"P:{k}")
+            plan = self.plans[k]
+            if t is None or tuple(t.shape) != (plan.n, plan.rank) or not bool(torch.isfinite(t).all()):
+                raise ProtocolError(f"{self.name} request: bad P for {k!r}")
+            p_hat[k] = t
+        mats = pending["mats"]
+        values = {f"Q:{k}": mats[k].reshape(self.plans[k].n, self.plans[k].m).T @ p_hat[k] for k in self.compressed}
+        wire, seen_by_server, bits = self.encode(values)
+        after = dict(pending["raw_error"])
+        for k in self.compressed:
+            approx = p_hat[k] @ seen_by_server[f"Q:{k}"].T
+            after[k] = mats[k] - approx.reshape(self.plans[k].shape)
+        state["e_pending"] = {"version": payload.version, "after": after, "before": mats}
+        return Payload(tensors=wire, meta={"p_tag": payload.meta.get("p_tag")}, payload_bits=bits)
+
+    def _settle_error(self, state: dict[str, Any], included) -> None:
+        """Error feedback: keep the residual of a round the server used, else all of M."""
+        pending = state.pop("e_pending", None)
+        state.pop("M", None)
+        if pending is None:
+            return
+        used = isinstance(included, int) and included == pending["version"]
+        state["e"] = pending["after"] if used else pending["before"]
+
+    def client_digest(self, state: dict[str, Any]) -> bytes:
+        return state_digest({"Q": state["Q"]}) if "Q" in state else state_digest({})
+
+    def server_digest(self, client: int) -> bytes:
+        return state_digest({"Q": self.Q})
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    out = torch.zeros_like(tensors[0])
+    for t in tensors:
+        out.add_(t, alpha=1.0 / len(tensors))
+    return out
