@@ -45,6 +45,10 @@ class ClientData:
 
 
 class ClientRole(Actor):
+    """A client actor. Handlers are synchronous (pure compute), so a message costs no task:
+    the handler runs on arrival, and the reply leaves when the modelled compute time has
+    passed (a timer). Mail arriving meanwhile waits in the mailbox: one message at a time."""
+
     def __init__(self, client_id: int, node: Node, algorithm: Algorithm, data: ClientData, *, model: nn.Module,
                  seed: int, work_per_sample: float, compute_time: ComputeTime, real_time: bool,
                  stats: Stats, log: Callable[..., None]):
@@ -54,6 +58,9 @@ class ClientRole(Actor):
         self.real_time, self.stats, self.log = real_time, stats, log
         self.handlers = algorithm.client_handlers()
         self.crashed = False
+        self.busy = False
+        self.epoch = 0
+        """Bumped by a crash, so a reply computed before it is never sent after it."""
         node.actors[client_id] = self
 
     def crash(self) -> None:
@@ -61,6 +68,8 @@ class ClientRole(Actor):
         self.data.state = {}
         self.mailbox.clear()
         self.crashed = True
+        self.busy = False
+        self.epoch += 1
 
     def restart(self) -> None:
         self.crashed = False
@@ -70,35 +79,44 @@ class ClientRole(Actor):
             self.stats.count("to_crashed_client")
             self.log("drop", dst=self.actor_id, kind=msg.kind, reason="client_crashed")
             return
-        super().deliver(msg)
+        self.mailbox.append(msg)
+        if not self.busy:
+            self._next()
 
     def _generator(self, msg: Message) -> torch.Generator:
         # One stream per (run seed, client, round, kind): phases of a round draw independently.
         key = zlib.crc32(f"{self.seed}/{self.actor_id}/{msg.round}/{msg.kind}".encode())
         return torch.Generator().manual_seed(key)
 
-    async def handle(self, msg: Message) -> None:
-        handler = self.handlers.get(msg.kind)
-        if handler is None:
-            self.stats.count("unknown_kind")
-            self.log("reject", dst=self.actor_id, kind=msg.kind, reason="unknown_kind")
+    def _next(self) -> None:
+        while self.mailbox and not self.busy:
+            msg = self.mailbox.popleft()
+            handler = self.handlers.get(msg.kind)
+            if handler is None:
+                self.stats.count("unknown_kind")
+                self.log("reject", dst=self.actor_id, kind=msg.kind, reason="unknown_kind")
+                continue
+            ctx = ClientCtx(self.actor_id, msg.round, self.model, self.data.x, self.data.y, self._generator(msg),
+                            self.data.state, self.work_per_sample)
+            started = wall_time()
+            try:
+                reply = handler(ctx, msg.payload)
+            except ProtocolError as exc:
+                self.stats.count("client_refused")
+                self.log("client_refused", client=self.actor_id, kind=msg.kind, reason=str(exc)[:200])
+                continue
+            seconds = self.compute_time(self.actor_id, ctx.work_flop, msg.round)
+            if self.real_time:
+                seconds = max(0.0, seconds - (wall_time() - started))
+            self.busy = True
+            asyncio.get_running_loop().call_later(seconds, self._finish, msg, reply, self.epoch)
+
+    def _finish(self, msg: Message, reply: Payload | None, epoch: int) -> None:
+        if epoch != self.epoch:  # crashed while computing: the work is lost
             return
-        ctx = ClientCtx(self.actor_id, msg.round, self.model, self.data.x, self.data.y, self._generator(msg),
-                        self.data.state, self.work_per_sample)
-        started = wall_time()
-        try:
-            reply = handler(ctx, msg.payload)
-        except ProtocolError as exc:
-            self.stats.count("client_refused")
-            self.log("client_refused", client=self.actor_id, kind=msg.kind, reason=str(exc)[:200])
-            return
-        seconds = self.compute_time(self.actor_id, ctx.work_flop, msg.round)
-        if self.real_time:
-            seconds = max(0.0, seconds - (wall_time() - started))
-        if seconds > 0:
-            await asyncio.sleep(seconds)
-        if reply is None or self.crashed:
-            return
-        version = msg.version if reply.version is None else reply.version
-        self.node.send(Message(src=self.actor_id, dst=SERVER, round=msg.round, kind=msg.kind, version=version,
-                               payload=reply))
+        self.busy = False
+        if reply is not None and not self.crashed:
+            version = msg.version if reply.version is None else reply.version
+            self.node.send(Message(src=self.actor_id, dst=SERVER, round=msg.round, kind=msg.kind, version=version,
+                                   payload=reply))
+        self._next()

@@ -40,8 +40,8 @@ _DTYPES: dict[str, torch.dtype] = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _ITEMSIZE = {k: torch.empty((), dtype=v).element_size() for k, v in _DTYPES.items()}
 _CRC = struct.Struct(">I")
-_REQUIRED = {"v": int, "id": int, "src": int, "dst": int, "r": int, "k": str, "ver": int,
-             "t": (int, float), "bits": int, "meta": dict, "tn": list}
+_EXACT = (("v", int), ("id", int), ("src", int), ("dst", int), ("r", int), ("k", str), ("ver", int),
+          ("bits", int), ("meta", dict), ("tn", list))
 
 # torch.frombuffer warns on read-only buffers (a received ZeroMQ frame is one); the
 # runtime treats received tensors as read-only, so the warning is noise here.
@@ -142,6 +142,17 @@ def encode(msg: Message, tensors: EncodedTensors | None = None) -> list[bytes]:
     return [_CRC.pack(zlib.crc32(envelope, tensors.crc)) + envelope, *tensors.frames]
 
 
+_UNPACK_LIMITS: dict[int, dict[str, int]] = {}
+
+
+def _unpack_limits(limits: Limits) -> dict[str, int]:
+    key = id(limits)
+    if key not in _UNPACK_LIMITS:
+        _UNPACK_LIMITS[key] = dict(max_str_len=limits.max_header_bytes, max_bin_len=limits.max_header_bytes,
+                                   max_array_len=limits.max_tensors * 4 + 64, max_map_len=4096, max_ext_len=0)
+    return _UNPACK_LIMITS[key]
+
+
 def peek_route(frame0: bytes | memoryview, limits: Limits = Limits()) -> dict[str, Any]:
     """Parse and type-check just the envelope (no CRC, no tensors): enough to route."""
     if len(frame0) < _CRC.size + 1:
@@ -149,19 +160,22 @@ def peek_route(frame0: bytes | memoryview, limits: Limits = Limits()) -> dict[st
     if len(frame0) > limits.max_header_bytes:
         raise CodecError("oversized_header", f"{len(frame0)} bytes > limit {limits.max_header_bytes}")
     try:
-        head = msgpack.unpackb(
-            bytes(frame0[_CRC.size:]), raw=False, strict_map_key=True,
-            max_str_len=limits.max_header_bytes, max_bin_len=limits.max_header_bytes,
-            max_array_len=limits.max_tensors * 4 + 64, max_map_len=4096, max_ext_len=0)
+        head = msgpack.unpackb(memoryview(frame0)[_CRC.size:], raw=False, strict_map_key=True,
+                               **_unpack_limits(limits))
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise CodecError("bad_msgpack", f"{type(exc).__name__}: {exc}") from None
-    if not isinstance(head, dict):
+    if type(head) is not dict:
         raise CodecError("bad_envelope", f"envelope is a {type(head).__name__}, not a map")
-    for key, typ in _REQUIRED.items():
-        if key not in head:
-            raise CodecError("bad_envelope", f"missing field {key!r}")
-        if not isinstance(head[key], typ) or isinstance(head[key], bool):
-            raise CodecError("bad_envelope", f"field {key!r} has type {type(head[key]).__name__}")
+    try:
+        # exact type checks: bool is not an int here, and a missing key is a KeyError
+        ok = all(type(head[k]) is t for k, t in _EXACT)
+        ok = ok and type(head["t"]) in (float, int)
+    except KeyError as exc:
+        raise CodecError("bad_envelope", f"missing field {exc.args[0]!r}") from None
+    if not ok:
+        bad = next(k for k, t in _EXACT + (("t", float),) if not isinstance(head[k], (t, int) if k == "t" else t)
+                   or isinstance(head[k], bool))
+        raise CodecError("bad_envelope", f"field {bad!r} has type {type(head[bad]).__name__}")
     if head["v"] != WIRE_VERSION:
         raise CodecError("bad_version", f"wire version {head['v']} (this build speaks {WIRE_VERSION})")
     return head
@@ -181,7 +195,7 @@ def _tensor_specs(head: dict[str, Any], limits: Limits) -> list[tuple[str, torch
         seen.add(name)
         if dtype_name not in _DTYPES:
             raise CodecError("bad_dtype", f"tensor {name!r} dtype {dtype_name!r} not allowed")
-        if len(shape) > limits.max_ndim or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if len(shape) > limits.max_ndim or not all(type(d) is int and d >= 0 for d in shape):
             raise CodecError("bad_shape", f"tensor {name!r} shape {shape!r:.80}")
         dtype = _DTYPES[dtype_name]
         nbytes = math.prod(shape) * _ITEMSIZE[dtype_name]
@@ -192,8 +206,10 @@ def _tensor_specs(head: dict[str, Any], limits: Limits) -> list[tuple[str, torch
     return specs
 
 
-def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head: dict[str, Any] | None = None) -> Message:
-    """Frames -> Message, validating everything. Tensors view the frames' memory (no copy)."""
+def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head: dict[str, Any] | None = None,
+           wire_bytes: int | None = None) -> Message:
+    """Frames -> Message, validating everything. Tensors view the frames' memory (no copy).
+    ``head`` and ``wire_bytes`` may be passed when the caller already computed them."""
     if not frames:
         raise CodecError("empty", "no frames")
     if head is None:
@@ -220,7 +236,8 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head
             tensors[name] = torch.frombuffer(frame, dtype=dtype).reshape(shape)
     payload = Payload(tensors=tensors, meta=head["meta"], payload_bits=head["bits"], version=head["ver"])
     return Message(src=head["src"], dst=head["dst"], round=head["r"], kind=head["k"], version=head["ver"],
-                   payload=payload, msg_id=head["id"], sent_at=float(head["t"]), wire_bytes=wire_size(frames))
+                   payload=payload, msg_id=head["id"], sent_at=float(head["t"]),
+                   wire_bytes=wire_size(frames) if wire_bytes is None else wire_bytes)
 
 
 def corrupt(frames: list[bytes], rng: np.random.Generator) -> list[bytes]:

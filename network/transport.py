@@ -143,7 +143,9 @@ class Transport:
         self._drain_scheduled = False
         n = 0
         sock = self.socket
-        while not sock.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        on_message = self.on_message
+        assert on_message is not None
+        while not sock.closed:
             try:
                 parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -151,11 +153,9 @@ class Transport:
             n += 1
             self.received += 1
             if self.router:
-                peer, frames = parts[0].bytes, parts[1:]
+                on_message(parts[0].bytes, [f.buffer for f in parts[1:]])
             else:
-                peer, frames = b"", parts
-            assert self.on_message is not None
-            self.on_message(peer, [f.buffer for f in frames])
+                on_message(b"", [f.buffer for f in parts])
         if self._backlog:
             self._flush()
         return n

@@ -279,7 +279,7 @@ def test_partition_properties(n, clients, classes, kind, alpha, spc, seed):
 
 
 def test_iid_is_near_equal():
-    parts = partition(_labels(1003), DataConfig(clients=10), seed=0)
+    parts = partition(_labels(1003), DataConfig(clients=10, partition="iid"), seed=0)
     assert sorted(len(p) for p in parts) == [100] * 7 + [101] * 3
 
 
@@ -289,7 +289,7 @@ def _labels_per_client(parts, labels):
 
 def test_dirichlet_small_alpha_is_skewed():
     labels = _labels(5000)
-    iid = _labels_per_client(partition(labels, DataConfig(clients=50), seed=0), labels)
+    iid = _labels_per_client(partition(labels, DataConfig(clients=50, partition="iid"), seed=0), labels)
     skew = _labels_per_client(partition(labels, DataConfig(clients=50, partition="dirichlet", alpha=0.1), 0), labels)
     flat = _labels_per_client(partition(labels, DataConfig(clients=50, partition="dirichlet", alpha=100.0), 0), labels)
     assert iid.mean() == 10.0 and flat.mean() > 9.5

@@ -210,3 +210,88 @@ def test_rejects_bad_calls():
         em.transfer("up", 2, 1, lambda c: None)
     with pytest.raises(ValueError):
         Emulator(parse_network({}, 3, pathlib.Path(".")), 2, HeapClock(), 0, lambda e, **f: None)
+
+
+class LifoClock:
+    """A clock that runs callbacks due at the same time last-in first-out (as a careless
+    event loop might): the emulator's own ordering must not depend on it."""
+
+    def __init__(self):
+        import heapq
+        self._heapq, self._t, self._seq, self._heap = heapq, 0.0, 0, []
+
+    def now(self):
+        return self._t
+
+    def call_at(self, when, cb):
+        self._seq -= 1
+        h = type("H", (), {"cancelled": False, "cancel": lambda self: setattr(self, "cancelled", True)})()
+        self._heapq.heappush(self._heap, (max(when, self._t), self._seq, h, cb))
+        return h
+
+    def run(self):
+        while self._heap:
+            when, _, h, cb = self._heapq.heappop(self._heap)
+            if not h.cancelled:
+                self._t = when
+                cb()
+
+
+@pytest.mark.parametrize("clock_cls", [HeapClock, LifoClock])
+def test_equal_time_deliveries_keep_call_order(clock_cls):
+    clock = clock_cls()
+    cfg = parse_network({"network": {"uplink": "8Mbps", "downlink": "8Mbps", "latency": "5ms"}}, 5, pathlib.Path("."))
+    em = Emulator(cfg, 5, clock, 0, lambda e, **f: None)
+    got: list = []
+    for c in (3, 1, 4, 0, 2):
+        em.transfer("down", c, 1000, lambda corrupt, c=c: got.append(c))
+        em.transfer("up", c, 1000, lambda corrupt, c=c: got.append(10 + c))
+    clock.run()
+    assert got == [3, 13, 1, 11, 4, 14, 0, 10, 2, 12]
+
+
+def test_zero_bandwidth_trace_stalls_then_resumes(tmp_path):
+    (tmp_path / "outage.csv").write_text("0,1Mbps\n1,0\n3,1Mbps\n")
+    em, clock, _ = make({"network": {"downlink": "outage.csv", "latency": 0}}, 1, base=tmp_path)
+    got: list = []
+    em.transfer("down", 0, 250_000, lambda c: got.append(clock.now()))   # 2 Mbit
+    clock.run(until=60)
+    assert got == [pytest.approx(4.0)]
+
+
+def test_datagram_loss_burst_only_during_its_window():
+    ev = [{"at": "10s", "action": "loss_burst", "clients": "0", "loss": 0.5, "duration": "10s", "direction": "up"}]
+    em, clock, log = make({"network": {"transport": "datagram", "latency": 0, "uplink": "1Gbps"}, "events": ev}, 1, seed=2)
+    got: list = []
+    for i in range(3000):
+        t = 30.0 * i / 3000
+        clock.call_at(t, lambda t=t: em.transfer("up", 0, 100, lambda c, t=t: got.append(t)))
+        clock.call_at(t, lambda t=t: em.transfer("down", 0, 100, lambda c, t=t: got.append(-1.0)))
+    clock.run()
+    inside = [t for t in got if 10 <= t < 20]
+    assert len([t for t in got if t >= 0 and not 10 <= t < 20]) == 2000     # no loss outside the burst
+    assert abs(len(inside) - 500) < 4 * math.sqrt(1000 * 0.25)              # half lost inside
+    assert got.count(-1.0) == 3000                                          # downlink untouched
+
+
+def test_tcp_cap_uses_gilbert_elliott_long_run_rate():
+    from network.models import padhye_rate
+    ge = {"model": "gilbert_elliott", "p": 0.001, "r": 0.5}
+    em, clock, _ = make({"network": {"uplink": "1Gbps", "latency": "20ms",
+                                     "group": [{"clients": "all", "direction": "up", "loss": ge}]}}, 1)
+    p_bar = 0.001 / 0.501
+    assert em.loss_rate("up", 0) == pytest.approx(p_bar)
+    assert em.tcp_cap("up", 0) == pytest.approx(padhye_rate(1460, 0.04, p_bar, 0.2))
+    assert em.tcp_cap("down", 0) == math.inf
+
+
+def test_partition_aborts_download_in_flight_and_counts_offline_as_down():
+    ev = [{"at": "0.5s", "action": "partition", "clients": "0", "duration": "1s"}]
+    em, clock, log = make({"network": {"downlink": "1Mbps", "latency": 0}, "events": ev}, 2)
+    got: list = []
+    em.transfer("down", 0, 125_000, lambda c: got.append(0))
+    em.transfer("down", 1, 125_000, lambda c: got.append(1))
+    clock.run(until=10)
+    assert got == [1]
+    assert [(f["client"], f["reason"]) for e, f in log if e == "drop"] == [(0, "partition")]
+    assert em.is_online(0)
