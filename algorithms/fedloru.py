@@ -18,8 +18,10 @@ The base is shared state. The server tracks which base version (number of merges
 each client: a client one merge behind receives the merged factors (B, A) and applies
 W0 ← W0 + B A itself, bit-identically to the server; a client with no or an older base
 receives W0 in full. A client whose base version is not the one the message names does not
-train: it replies ``resync`` (no tensors) and the server resends the full base in the same
-round. ``client_digest``/``server_digest`` hash (base version, W0). Invariant: the server's
+train: it drops its base, replies ``resync`` (no tensors) and the server resends the full base
+in the same round. A message older than one the client handled is ignored. The server's
+mirror moves when it builds a message. ``client_digest``/``server_digest`` hash
+(base version, W0). Invariant: the server's
 base equals the initial weights plus the sum of all merged products.
 
 Personalised variant (``personal_rank`` > 0, pFedLoRU, the paper's answer to heterogeneous
@@ -76,6 +78,8 @@ def merge(base: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 class FedLoRU(Algorithm):
     name = "fedloru"
     stateful = True
+    statesync_config = {"rank": 2, "local_steps": 2, "merge_every": 2}
+    """Small settings for the shared state-sync harness (tests/statesync.py): merges happen."""
 
     @dataclass
     class Config(Algorithm.Config):
@@ -148,6 +152,9 @@ class FedLoRU(Algorithm):
         tensors.update(self.dense)
         meta: dict[str, Any] = {"base_version": self.base_version}
         held = self._client_base.get(client)
+        # The mirror moves as the message is built: it is what the client holds once it handles it.
+        self._client_base[client] = self.base_version
+        self._prune()
         if held == self.base_version - 1 and self.last_merge:
             for k, (B, A) in self.last_merge.items():
                 tensors[f"{k}.mergeB"], tensors[f"{k}.mergeA"] = B, A
@@ -160,7 +167,6 @@ class FedLoRU(Algorithm):
         self.version += 1
         v = self.version
         await comm.broadcast("train", self._payload_for, version=v)
-        self._sent(comm.participants)
         replies = await comm.gather("train", version=v)
         resync = [c for c, r in replies.items() if r.payload.meta.get("resync")]
         if resync:
@@ -169,7 +175,6 @@ class FedLoRU(Algorithm):
             for c in resync:
                 self._client_base.pop(c, None)
                 await comm.send(c, "train", self._payload_for(c), version=v)
-            self._sent(resync)
             again = await comm.gather("train", version=v, clients=resync)
             replies = {**{c: r for c, r in replies.items() if c not in resync}, **again}
             replies = {c: r for c, r in sorted(replies.items()) if not r.payload.meta.get("resync")}
@@ -196,11 +201,6 @@ class FedLoRU(Algorithm):
         self._base_digests[self.base_version] = self._base_digest()
         self._prune()
 
-    def _sent(self, clients: list[int]) -> None:
-        for c in clients:
-            self._client_base[c] = self.base_version
-        self._prune()
-
     def _prune(self) -> None:
         live = set(self._client_base.values()) | {self.base_version}
         for version in [v for v in self._base_digests if v not in live]:
@@ -210,6 +210,9 @@ class FedLoRU(Algorithm):
         if kind != "train":
             raise ProtocolError(f"fedloru: unexpected reply kind {kind!r}")
         positive_samples(payload, "fedloru reply")
+        fields = {"samples", "resync", "held_base"} if payload.meta.get("resync") else {"samples", "base_version"}
+        if set(payload.meta) != fields:
+            raise ProtocolError(f"fedloru reply: meta fields {sorted(payload.meta)}, expected {sorted(fields)}")
         if payload.meta.get("resync"):
             if payload.tensors:
                 raise ProtocolError("fedloru reply: a resync reply carries no tensors")
@@ -248,8 +251,11 @@ class FedLoRU(Algorithm):
         ctx.state["shared"] = shared
         return shared
 
-    def on_train(self, ctx, payload: Payload) -> Payload:
+    def on_train(self, ctx, payload: Payload) -> Payload | None:
         cfg = self.config
+        if payload.version < ctx.state.get("newest", payload.version):
+            return None  # a late message of an older round: ignored, the state stays
+        ctx.state["newest"] = payload.version
         expected: dict[str, tuple[int, ...]] = {}
         for k, (n, m) in self.shapes.items():
             expected[f"{k}.A"], expected[f"{k}.B"] = (cfg.rank, m), (n, cfg.rank)
@@ -261,7 +267,8 @@ class FedLoRU(Algorithm):
         expect_tensors(payload, expected, "fedloru train")
         shared = self._sync_base(ctx, payload)
         if shared is None:
-            held = (ctx.state.get("shared") or {}).get("base_version", -1)
+            # Never train on another base: drop it and ask for the full base.
+            held = ctx.state.pop("shared", {}).get("base_version", -1)
             return Payload(meta={"samples": len(ctx.x), "resync": True, "held_base": held}, payload_bits=0,
                            version=payload.version)
         base = {k: shared[f"{k}.W0"] for k in self.factorised}

@@ -28,10 +28,12 @@ Layers that are not factorised (biases, dense heads) travel as FedAvg's deltas w
 
 State synchronisation: every message carries the basis version v (one per round). A client
 keeps the basis it was sent for round v (``ctx.state["shared"]``) and only trains on it
-when a later message of the round names the same v; otherwise it refuses with a reply tagged
-with the version it holds, which ``gather(version=v)`` rejects and counts. A late reply
-computed on an older basis is rejected the same way. ``client_digest``/``server_digest``
-hash that shared basis (version, U, S, V, dense, then Ũ, Ṽ).
+when a later message of the round names the same v. A message of an older round than one it
+handled is ignored; for a newer round whose basis it lacks (its ``basis`` was lost, or it
+crashed) it drops its shared state and replies ``refused`` with version -1, which
+``gather(version=v)`` rejects and counts. A late reply computed on an older basis is
+rejected the same way. ``client_digest``/``server_digest`` hash that shared basis (version,
+U, S, V, dense, then Ũ, Ṽ); the server's mirror moves when it builds a message.
 
 Bits per client and round (float32: 32 bits per value). Sums run over factorised layers
 (n×m, rank r at the round's start, k_U = min(r, n − r), k_V = min(r, m − r),
@@ -81,6 +83,8 @@ class _Round:
 class FeDLRT(Algorithm):
     name = "fedlrt"
     stateful = True
+    statesync_config = {"rank": 2, "local_steps": 2}
+    """Small settings for the shared state-sync harness (tests/statesync.py)."""
 
     @dataclass
     class Config(Algorithm.Config):
@@ -152,8 +156,9 @@ class FeDLRT(Algorithm):
         shared: dict[str, Any] = {"version": v, **self._basis_tensors()}
         basis = {k: t for k, t in shared.items() if k != "version"}
         rnd.expect["basis"] = self._basis_grad_shapes(simplified)
-        await comm.broadcast("basis", Payload(basis, payload_bits=float_bits(basis)), version=v)
+        # The mirror moves when a message is built: it is what the client holds once it handles it.
         self._mirror(comm.participants, v, "basis", shared)
+        await comm.broadcast("basis", Payload(basis, payload_bits=float_bits(basis)), version=v)
         replies = await comm.gather("basis", version=v)
         if not replies:
             comm.count("fedlrt_rounds_without_replies")
@@ -173,8 +178,8 @@ class FeDLRT(Algorithm):
         coefficients = self._coefficient_shapes(".S", ".delta")
         rnd.expect["augment"] = self._coefficient_shapes(".GS", ".grad") if full else coefficients
         to = list(replies)
-        await comm.broadcast("augment", Payload(augment, payload_bits=float_bits(augment)), version=v, to=to)
         self._mirror(to, v, "augment", shared)
+        await comm.broadcast("augment", Payload(augment, payload_bits=float_bits(augment)), version=v, to=to)
         replies = await comm.gather("augment", version=v)
 
         # 3. full variance correction: average the coefficient gradients at the start point.
@@ -230,6 +235,8 @@ class FeDLRT(Algorithm):
         rnd = self._round
         if rnd is None or kind not in rnd.expect:
             raise ProtocolError(f"fedlrt: unexpected reply kind {kind!r}")
+        if set(payload.meta) != {"samples"}:
+            raise ProtocolError(f"fedlrt {kind} reply: meta fields {sorted(payload.meta)}, expected ['samples']")
         expect_tensors(payload, rnd.expect[kind], f"fedlrt {kind} reply")
         positive_samples(payload, f"fedlrt {kind} reply")
 
@@ -261,8 +268,10 @@ class FeDLRT(Algorithm):
             return {k: (U[k] @ leaves[f"{k}.S"] @ V[k].T if k in U else leaves[k]) for k in self.params}
         return build
 
-    def on_basis(self, ctx, payload: Payload) -> Payload:
+    def on_basis(self, ctx, payload: Payload) -> Payload | None:
         cfg = self.config
+        if payload.version < ctx.state.get("newest", payload.version):
+            return None  # a late message of an older round: ignored, the state stays
         shapes: dict[str, tuple[int, ...]] = {}
         for k in self.factorised:
             r = payload.tensors[f"{k}.S"].shape[0] if f"{k}.S" in payload.tensors else -1
@@ -272,6 +281,7 @@ class FeDLRT(Algorithm):
         expect_tensors(payload, shapes, "fedlrt basis")
         t = payload.tensors
         ctx.state["shared"] = {"version": payload.version, **t}
+        ctx.state["newest"] = payload.version
         ctx.state.pop("private", None)
 
         # Gradients w.r.t. every factor at W = U S Vᵀ, on the full local data.
@@ -290,21 +300,28 @@ class FeDLRT(Algorithm):
             out.update(local)
         return Payload(out, meta={"samples": len(ctx.x)}, payload_bits=float_bits(out), version=payload.version)
 
-    def _refuse(self, ctx, payload: Payload, shared_keys: list[str], private: bool) -> Payload | None:
-        """A refusal when the client does not hold round ``payload.version``'s basis, else None.
-
-        Training on another basis than the one broadcast for this round is never done. The
-        refusal carries no tensors and is tagged with another version than the round's (the
-        one the client holds, or -1), so ``gather(version=...)`` rejects and counts it.
-        """
+    def _holds_round(self, ctx, payload: Payload, shared_keys: list[str], private: bool) -> bool:
+        """Whether the client holds round ``payload.version``'s basis (and what the step needs)."""
         shared = ctx.state.get("shared")
-        held = -1 if shared is None else shared["version"]
-        ok = (held == payload.version and all(key in shared for key in shared_keys)
-              and (not private or "start_grads" in ctx.state.get("private", {})))
-        if ok:
+        return (shared is not None and shared["version"] == payload.version
+                and all(key in shared for key in shared_keys)
+                and (not private or "start_grads" in ctx.state.get("private", {})))
+
+    def _refuse(self, ctx, payload: Payload) -> Payload | None:
+        """The answer of a client that does not hold the round's basis: it never trains.
+
+        A message older than one it handled is ignored (no reply, state unchanged). For a
+        newer one it drops its shared state (the next ``basis`` resends it) and replies
+        ``refused`` with version -1, which ``gather(version=...)`` rejects and counts.
+        """
+        if payload.version < ctx.state.get("newest", payload.version):
             return None
+        held = ctx.state.get("shared", {}).get("version", -1)
+        ctx.state["newest"] = payload.version
+        ctx.state.pop("shared", None)
+        ctx.state.pop("private", None)
         return Payload(meta={"samples": len(ctx.x), "refused": True, "held_version": held}, payload_bits=0,
-                       version=held if held != payload.version else -1)
+                       version=-1)
 
     def _start(self, shared: dict[str, Any]) -> tuple[dict, dict, dict[str, torch.Tensor]]:
         """Augmented basis Ū, V̄ and the start point S̃ = [[S, 0], [0, 0]] (plus dense values)."""
@@ -314,11 +331,10 @@ class FeDLRT(Algorithm):
         leaves.update({k: shared[k] for k in self.dense_names})
         return U, V, leaves
 
-    def on_augment(self, ctx, payload: Payload) -> Payload:
+    def on_augment(self, ctx, payload: Payload) -> Payload | None:
         cfg = self.config
-        refusal = self._refuse(ctx, payload, [], cfg.variance_correction == "simplified")
-        if refusal is not None:
-            return refusal
+        if not self._holds_round(ctx, payload, [], cfg.variance_correction == "simplified"):
+            return self._refuse(ctx, payload)
         shared = ctx.state["shared"]
         shapes: dict[str, tuple[int, ...]] = {}
         for k in self.factorised:
@@ -360,10 +376,9 @@ class FeDLRT(Algorithm):
         out.update({f"{k}.grad": grads[k] for k in self.dense_names})
         return out
 
-    def on_correction(self, ctx, payload: Payload) -> Payload:
-        refusal = self._refuse(ctx, payload, [f"{k}.Ua" for k in self.factorised], True)
-        if refusal is not None:
-            return refusal
+    def on_correction(self, ctx, payload: Payload) -> Payload | None:
+        if not self._holds_round(ctx, payload, [f"{k}.Ua" for k in self.factorised], True):
+            return self._refuse(ctx, payload)
         local = ctx.state["private"]["start_grads"]
         expect_tensors(payload, {key: tuple(t.shape) for key, t in local.items()}, "fedlrt correction")
         U, V, start = self._start(ctx.state["shared"])

@@ -264,10 +264,14 @@ class DifferentialQuantized(Algorithm):
     def client_handlers(self):
         return {"grad": self.on_grad}
 
-    def on_grad(self, ctx, payload: Payload) -> Payload:
+    def on_grad(self, ctx, payload: Payload) -> Payload | None:
         check_like(payload, self.params, f"{self.name} model")
         ack = payload.meta.get("ack")
         state = ctx.state
+        if payload.version is not None:
+            if payload.version < state.get("newest", payload.version):
+                return None  # a late duplicate of an old request: the server has moved on
+            state["newest"] = payload.version
         _synchronise(state, ack)
         _, grads, seen = gradient(ctx.model, payload.tensors, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
         ctx.charge(seen)

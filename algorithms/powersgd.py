@@ -233,7 +233,9 @@ class PowerSGD(Algorithm):
     def client_handlers(self):
         return {"p": self.on_p, "q": self.on_q}
 
-    def on_p(self, ctx, payload: Payload) -> Payload:
+    def on_p(self, ctx, payload: Payload) -> Payload | None:
+        if not _fresh(ctx.state, payload.version):
+            return None
         model = {k: payload.tensors[k] for k in self.params if k in payload.tensors}
         check_like(Payload(tensors=model), self.params, f"{self.name} model")
         q = {k: payload.tensors.get(f"Q:{k}") for k in self.compressed}
@@ -259,7 +261,9 @@ class PowerSGD(Algorithm):
         tag = accumulator_tag({**{f"w:{k}": v for k, v in model.items()}, **{f"Q:{k}": v for k, v in q.items()}})
         return Payload(tensors=wire, meta={"tag": tag}, payload_bits=bits)
 
-    def on_q(self, ctx, payload: Payload) -> Payload:
+    def on_q(self, ctx, payload: Payload) -> Payload | None:
+        if not _fresh(ctx.state, payload.version):
+            return None
         state = ctx.state
         pending = state.get("M")
         if pending is None or pending["version"] != payload.version:
@@ -295,6 +299,17 @@ class PowerSGD(Algorithm):
 
     def server_digest(self, client: int) -> bytes:
         return state_digest({"Q": self.Q})
+
+
+def _fresh(state: dict[str, Any], version: int | None) -> bool:
+    """False for a request older than one this client already handled (a late duplicate):
+    the server has moved on, so answering it would only cost bits and disturb our state."""
+    newest = state.get("newest")
+    if version is not None and newest is not None and version < newest:
+        return False
+    if version is not None:
+        state["newest"] = version
+    return True
 
 
 def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -9,11 +9,13 @@ The contract a method must meet (what the harness asserts)
   and returns ``EMPTY`` (= ``state_digest({})``) while it holds none (fresh, crashed,
   resynchronising).
 * ``server_digest(client)`` digests the server's mirror of that shared state.
-* **In sync whenever both believe so.** Right after a client handler returns, if the client
-  holds shared state, its digest equals the server's digest *as it was when the server sent
-  the message the client just handled* (snapshotted at send time, so a delayed message is
-  judged against the view it carried). A mismatch means someone applied an update against
-  the wrong base.
+* **In sync whenever both believe so.** Right after a client handler returns, the client's
+  digest is one of: ``EMPTY`` (it dropped its shared state to resynchronise); the server's
+  digest *as it was when the server sent the message just handled* (snapshotted at send
+  time, so a delayed message is judged against the view it carried); or, for a stale
+  message (older version than one the client already handled), its digest from before the
+  message (it ignored it). Anything else means a party applied an update against the wrong
+  base, or adopted a state the other side never had.
 * **Liveness.** After faults stop, within ``SETTLE_ROUNDS`` clean rounds every client handles
   a message while in sync (non-empty digest equal to the server's view in that message).
 * **Robustness.** ``server_round`` never raises, whatever the network or a client sends, and
@@ -123,6 +125,7 @@ class FaultyComm:
         self._held_up: list[tuple[str, int, Payload, int]] = []
         self._last_reply: dict[tuple[str, int], Payload] = {}
         self._malformed = 0
+        self._newest: dict[int, int] = {}
         self.in_sync: dict[int, bool] = {}
         """Per client: was it in sync (non-empty, equal) when it handled its latest message?"""
 
@@ -150,13 +153,17 @@ class FaultyComm:
     def _deliver(self, kind: str, client: int, msg: Payload, version: int, snapshot: bytes) -> None:
         ctx = self.contexts[client]
         ctx.round = self.round
+        stale = version < self._newest.get(client, version)
+        self._newest[client] = max(version, self._newest.get(client, version))
         handler = self.algorithm.client_handlers()[kind]
+        before = self.algorithm.client_digest(ctx.state)
         reply = handler(ctx, Payload(msg.tensors, msg.meta, msg.payload_bits, version))
         digest = self.algorithm.client_digest(ctx.state)
-        self.in_sync[client] = digest != EMPTY and digest == snapshot
-        if digest != EMPTY and digest != snapshot:
+        if not stale:
+            self.in_sync[client] = digest != EMPTY and digest == snapshot
+        if digest not in (EMPTY, snapshot) and not (stale and digest == before):
             self.violations.append(Violation("client state differs from the server's view it acted on", client,
-                                             {"kind": kind, "round": self.round, "version": version}))
+                                             {"kind": kind, "round": self.round, "version": version, "stale": stale}))
         if reply is None:
             return
         rv = version if reply.version is None else reply.version
@@ -259,9 +266,9 @@ def malformed(p: Payload, turn: int) -> Payload:
 class Harness:
     """One algorithm instance, its clients and a FaultyComm."""
 
-    def __init__(self, method: str, *, config: dict[str, Any] | None = None, model: str = "mlp",
+    def __init__(self, method: str | type[Algorithm], *, config: dict[str, Any] | None = None, model: str = "mlp",
                  clients: int = 3, seed: int = 0, replay: bool = False):
-        cls = get_algorithm(method)
+        cls = get_algorithm(method) if isinstance(method, str) else method
         self.net = tiny_model(model, seed)
         if config is None:
             config = getattr(cls, "statesync_config", {})
@@ -339,3 +346,44 @@ def state_sync_machine(method: str, *, config: dict[str, Any] | None = None, mod
     StateSync.__name__ = f"StateSync_{method}"
     StateSync.TestCase.settings = settings(max_examples=max_examples, stateful_step_count=steps, deadline=None)
     return StateSync
+
+
+# ---- a small real problem for convergence and bit-count tests -------------------------------------
+
+def digits_problem(clients: int = 5, hidden: int = 32, seed: int = 0):
+    """scikit-learn's bundled 8x8 digits, standardised, split IID over ``clients``; an MLP
+    64-hidden-10. Returns (model, [(x, y) per client], (x_test, y_test))."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    test = (x[:360], y[:360])
+    x, y = x[360:], y[360:]
+    parts = [(x[i::clients], y[i::clients]) for i in range(clients)]
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 10))
+    return model, parts, test
+
+
+def accuracy(model: torch.nn.Module, params, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        logits = torch.func.functional_call(model, params, (x,))
+    return float((logits.argmax(1) == y).float().mean())
+
+
+def train(method: str, config: dict[str, Any], rounds: int, clients: int = 5, seed: int = 0):
+    """Run ``method`` on the digits problem through tests/fakes' LocalComm (no faults).
+    Returns (initial accuracy, final accuracy, uplink bits, comm, algorithm)."""
+    from tests.fakes import LocalComm, run_rounds
+
+    model, parts, (xt, yt) = digits_problem(clients, seed=seed)
+    cls = get_algorithm(method)
+    alg = cls(cls.make_config(config), model)
+    contexts = {i: FakeClientContext(i, model, x, y, seed=seed) for i, (x, y) in enumerate(parts)}
+    comm = LocalComm(alg, contexts)
+    before = accuracy(model, alg.model_params(), xt, yt)
+    run_rounds(alg, comm, rounds)
+    return before, accuracy(model, alg.model_params(), xt, yt), comm.uplink_bits, comm, alg

@@ -1,0 +1,103 @@
+"""LAQ / SLAQ: bit counts equal the packed wire bytes, the lazy rule saves uploads, bad
+input never reaches the mirror."""
+import pytest
+import torch
+
+from algorithms import get_algorithm
+from algorithms.base import ConfigError, Payload, ProtocolError
+from tests.fakes import FakeClientContext, LocalComm, run_rounds
+from tests.statesync import Harness, digits_problem, train
+
+
+def wire_check(payload: Payload, float_scalars: int) -> None:
+    """payload_bits vs real tensor bytes: packed bytes*8 >= counted bits, at most 7 bits of
+    padding per packed tensor, plus the float32 scalars the formula counts."""
+    packed = [t for t in payload.tensors.values() if t.dtype == torch.uint8]
+    floats = sum(t.numel() for t in payload.tensors.values() if t.dtype == torch.float32)
+    assert floats == float_scalars
+    wire_bits = payload.tensor_bytes * 8
+    assert wire_bits >= payload.payload_bits
+    assert wire_bits - payload.payload_bits < 8 * len(packed) or not packed
+
+
+@pytest.mark.parametrize("method", ["laq", "slaq"])
+@pytest.mark.parametrize("bits", [1, 3, 8, 13, 16])
+def test_payload_bits_match_wire_bytes(method, bits):
+    model, parts, _ = digits_problem(2)
+    cls = get_algorithm(method)
+    alg = cls(cls.make_config({"bits": bits}), model)
+    ctx = FakeClientContext(0, model, *parts[0])
+    reply = alg.on_grad(ctx, Payload(tensors=alg.params, meta={"ack": None, "lazy_bound": 0.0}, version=0))
+    n_tensors = len(alg.params)
+    assert reply.payload_bits == sum(32 + bits * t.numel() for t in alg.params.values())
+    wire_check(reply, float_scalars=n_tensors)
+    alg.check_reply("grad", reply)
+
+
+def test_slaq_skips_save_uploads_and_are_counted():
+    _, laq_acc, laq_bits, _, _ = train("laq", {"lr": 0.5, "bits": 3}, 60)
+    _, slaq_acc, slaq_bits, comm, _ = train("slaq", {"lr": 0.5, "bits": 3}, 60)
+    assert comm.counters.get("skips", 0) > 50
+    assert slaq_bits < 0.7 * laq_bits
+    assert slaq_acc > laq_acc - 0.05
+
+
+def test_zero_gradient_is_safe():
+    h = Harness("laq", config={"bits": 4})
+    for ctx in h.contexts.values():
+        ctx.x = torch.zeros_like(ctx.x)  # relu(bias) only: the first layer's weight gradient is 0
+    h.run_round()
+    h.run_round()
+    assert h.params_finite() and h.comm.violations == []
+
+
+def test_nan_gradient_is_refused_by_the_client_and_never_mirrored():
+    h = Harness("laq", config={"bits": 4})
+    h.run_round()
+    h.run_round()
+    before = h.algorithm.server_digest(1)
+    h.contexts[1].x = h.contexts[1].x.clone()
+    h.contexts[1].x[0, 0] = float("nan")
+    h.run_round()
+    assert h.comm.counters.get("client_nonfinite") == 1
+    assert h.algorithm.server_digest(1) == before
+    assert h.params_finite()
+
+
+def test_server_rejects_malformed_replies():
+    model, parts, _ = digits_problem(2)
+    alg = get_algorithm("laq")(get_algorithm("laq").make_config({"bits": 5}), model)
+    ctx = FakeClientContext(0, model, *parts[0])
+    good = alg.on_grad(ctx, Payload(tensors=alg.params, meta={"ack": None}, version=0))
+    alg.check_reply("grad", good)
+
+    def broken(fn):
+        p = Payload({k: v.clone() for k, v in good.tensors.items()}, dict(good.meta), good.payload_bits)
+        fn(p)
+        return p
+
+    cases = [
+        lambda p: p.meta.update(extra=1),
+        lambda p: p.meta.update(tag="zz"),
+        lambda p: p.meta.update(reset="yes"),
+        lambda p: p.tensors.pop("0.bias"),
+        lambda p: p.tensors.update({"radii": torch.full_like(p.tensors["radii"], float("nan"))}),
+        lambda p: p.tensors.update({"radii": -p.tensors["radii"]}),
+        lambda p: p.tensors.update({"0.weight": p.tensors["0.weight"][:-1]}),
+        lambda p: p.tensors.update({"0.weight": p.tensors["0.weight"].to(torch.int16)}),
+    ]
+    for case in cases:
+        with pytest.raises(ProtocolError):
+            alg.check_reply("grad", broken(case))
+
+
+@pytest.mark.parametrize("bad", [0, 17, -3, 2.5, True])
+def test_bits_out_of_range_is_a_config_error(bad):
+    with pytest.raises(ConfigError) as err:
+        get_algorithm("laq").make_config({"bits": bad})
+    assert err.value.key == "bits"
+
+
+def test_unknown_key_is_a_config_error():
+    with pytest.raises(ConfigError):
+        get_algorithm("slaq").make_config({"rank": 3})
