@@ -178,6 +178,10 @@ class FedLoRU(Algorithm):
             again = await comm.gather("train", version=v, clients=resync)
             replies = {**{c: r for c, r in replies.items() if c not in resync}, **again}
             replies = {c: r for c, r in sorted(replies.items()) if not r.payload.meta.get("resync")}
+        wrong = [c for c, r in replies.items() if r.payload.meta["base_version"] != self.base_version]
+        if wrong:  # trained on another base: never applied
+            comm.count("fedloru_wrong_base", len(wrong))
+            replies = {c: r for c, r in replies.items() if c not in wrong}
         if replies:
             w = [float(r.payload.meta["samples"]) for r in replies.values()]
             for k in self.factorised:

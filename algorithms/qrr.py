@@ -33,6 +33,7 @@ SGD's count is 32 bits per value. Downlink: the model, 32 bits per value.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,9 @@ def tucker(t: torch.Tensor, ranks: tuple[int, ...], n_iter_max: int = 5) -> tupl
     import tensorly as tl
     from tensorly.decomposition import tucker as tl_tucker
 
-    with tl.backend.BackendManager.backend_context("pytorch"):
+    with tl.backend.BackendManager.backend_context("pytorch"), warnings.catch_warnings():
+        # tensorly warns when a mode's rank exceeds another unfolding's size and clamps it
+        warnings.simplefilter("ignore", UserWarning)
         core, factors = tl_tucker(t, rank=list(ranks), init="svd", n_iter_max=n_iter_max, tol=1e-6)
     return core.to(torch.float32), [f.to(torch.float32) for f in factors]
 

@@ -11,7 +11,6 @@ from algorithms.fedloru import FedLoRU
 from tests.fakes import LocalComm
 from tests.lowrank_fixtures import RecordingComm, contexts, digits, drive, fedavg_digits, run_digits
 
-torch.set_num_threads(1)
 
 ROUNDS, LR = 60, 0.5
 

@@ -12,7 +12,6 @@ from tests.fakes import LocalComm
 from tests.lowrank_fixtures import (RecordingComm, contexts, digits, drive, fedavg_digits, regression,
                                     run_digits)
 
-torch.set_num_threads(1)
 
 
 def _regression_run(partition: str, rank: int, rounds: int, *, lr_scale: float = 1.0,
