@@ -12,6 +12,7 @@ EPILOG = """examples:
   fedsim run scenarios/lossy_uplink.toml --out runs/lossy
   fedsim run --set algorithm.name=qrr --set algorithm.bits=8 --set network.uplink=1Mbps
   fedsim run --set data.dataset=fashion-mnist --set model.hidden=[200] --set run.rounds=50
+  fedsim sweep --bandwidths 100kbps,1Mbps,10Mbps --algorithms sgd,qrr,lqsgd --set run.rounds=30
 
 --set takes the scenario's dotted keys; values parse as TOML values (1, 0.5, [64, 32],
 true, "text"), bare words as strings. Units: bandwidth in bps/kbps/Mbps/Gbps, durations
@@ -150,6 +151,42 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from network.errors import NetworkConfigError
+
+    from .sweep import sweep, write
+    console = Console(stderr=True)
+    bandwidths = [b.strip() for b in args.bandwidths.split(",") if b.strip()]
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+
+    def progress(cell, i, n):
+        s = cell.summary
+        ttt = "not reached" if s["time_to_target_s"] is None else f"{s['time_to_target_s']:.1f}s"
+        print(f"[{i}/{n}] {cell.algorithm:9s} uplink {cell.uplink:>8s}: acc {s['final_accuracy']:.4f}, "
+              f"time to target {ttt}, up {_fmt_bytes(s['uplink_bytes'])}", file=sys.stderr, flush=True)
+
+    try:
+        cells = sweep(args.scenario, bandwidths, algorithms, args.set or [], progress)
+    except (ScenarioError, NetworkConfigError, DataError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    table = Table(title="bandwidth wall: simulated time to target accuracy (s)")
+    table.add_column("algorithm")
+    for bw in bandwidths:
+        table.add_column(bw, justify="right")
+    for a in algorithms:
+        row = [c for c in cells if c.algorithm == a]
+        table.add_row(a, *["-" if c.summary["time_to_target_s"] is None else f"{c.summary['time_to_target_s']:.1f}"
+                           for c in row])
+    Console().print(table)
+    paths = write(cells, args.out, cells[0].summary["target_accuracy"] if cells else None)
+    console.print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def cmd_scenarios(args: argparse.Namespace) -> int:
     from .scenario import SCENARIO_DIR
     for path in sorted(SCENARIO_DIR.glob("*.toml")):
@@ -189,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     ky.add_argument("directory")
     ky.add_argument("--clients", type=int, default=1)
     ky.set_defaults(func=cmd_keys)
+    sw = sub.add_parser("sweep", help="bandwidth-wall study: uplink bandwidth x algorithm -> time to accuracy, bytes, plots")
+    sw.add_argument("scenario", nargs="?")
+    sw.add_argument("--bandwidths", default="100kbps,1Mbps,10Mbps,100Mbps", help="comma-separated uplink bandwidths")
+    sw.add_argument("--algorithms", default="sgd,qrr,powersgd,lqsgd", help="comma-separated algorithm names")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key for every run")
+    sw.add_argument("--out", default="runs/sweep", metavar="DIR", help="where sweep.csv and bandwidth_wall.png go")
+    sw.set_defaults(func=cmd_sweep)
     s = sub.add_parser("scenarios", help="list the scenario files shipped in scenarios/")
     s.set_defaults(func=cmd_scenarios)
     args = parser.parse_args(argv)
