@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -53,12 +54,16 @@ class ClientRole(Actor):
                  seed: int, work_per_sample: float, compute_time: ComputeTime, real_time: bool,
                  stats: Stats, log: Callable[..., None]):
         super().__init__(client_id)
+        self.mailbox: collections.deque[tuple[Message, float]] = collections.deque()
+        """(message, wall time of arrival): handled one at a time."""
         self.node, self.algorithm, self.data, self.model = node, algorithm, data, model
         self.seed, self.work_per_sample, self.compute_time = seed, work_per_sample, compute_time
         self.real_time, self.stats, self.log = real_time, stats, log
         self.handlers = algorithm.client_handlers()
         self.crashed = False
         self.busy = False
+        self.free_since = 0.0
+        """Wall time this client finished its last message (real time only)."""
         self.epoch = 0
         """Bumped by a crash, so a reply computed before it is never sent after it."""
         node.actors[client_id] = self
@@ -79,9 +84,15 @@ class ClientRole(Actor):
             self.stats.count("to_crashed_client")
             self.log("drop", dst=self.actor_id, kind=msg.kind, reason="client_crashed")
             return
-        self.mailbox.append(msg)
+        self.mailbox.append((msg, wall_time()))
         if not self.busy:
-            self._next()
+            if self.real_time:
+                # Let every message of this instant reach its actor (and be stamped) before any
+                # handler computes: handlers share one thread, and a client's modelled compute
+                # runs from its own message's arrival, not from when the thread was free.
+                asyncio.get_running_loop().call_soon(self._next)
+            else:
+                self._next()
 
     def _generator(self, msg: Message) -> torch.Generator:
         # One stream per (run seed, client, round, kind): phases of a round draw independently.
@@ -90,7 +101,7 @@ class ClientRole(Actor):
 
     def _next(self) -> None:
         while self.mailbox and not self.busy:
-            msg = self.mailbox.popleft()
+            msg, arrived = self.mailbox.popleft()
             handler = self.handlers.get(msg.kind)
             if handler is None:
                 self.stats.count("unknown_kind")
@@ -98,7 +109,7 @@ class ClientRole(Actor):
                 continue
             ctx = ClientCtx(self.actor_id, msg.round, self.model, self.data.x, self.data.y, self._generator(msg),
                             self.data.state, self.work_per_sample)
-            started = wall_time()
+            started = max(arrived, self.free_since)
             try:
                 reply = handler(ctx, msg.payload)
             except ProtocolError as exc:
@@ -115,6 +126,7 @@ class ClientRole(Actor):
         if epoch != self.epoch:  # crashed while computing: the work is lost
             return
         self.busy = False
+        self.free_since = wall_time()
         if reply is not None and not self.crashed:
             version = msg.version if reply.version is None else reply.version
             self.node.send(Message(src=self.actor_id, dst=SERVER, round=msg.round, kind=msg.kind, version=version,

@@ -77,7 +77,6 @@ class Actor:
 
     def __init__(self, actor_id: int):
         self.actor_id = actor_id
-        self.mailbox: collections.deque[Message] = collections.deque()
 
     def deliver(self, msg: Message) -> None:
         raise NotImplementedError(f"{type(self).__name__} must define deliver()")

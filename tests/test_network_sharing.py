@@ -221,3 +221,74 @@ def test_incremental_fluid_matches_brute_force(arrivals, server):
     assert set(got) == set(want)
     for fid in want:
         assert got[fid] == pytest.approx(want[fid], rel=1e-9, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- fast path
+def _drive(ops, shared_min):
+    """Replay ``ops`` on a FluidNetwork; return what an observer sees: completions, the
+    bits left by aborted flows, and the rates after every step."""
+    net = FluidNetwork(0.0, shared_min=shared_min)
+    net.set_capacity("s", 4e6)
+    for c in range(6):
+        net.set_capacity(("c", c), [1e6, 5e5, 4e6, 2e6, 3e5, 8e6][c])
+    seen: list = []
+    fid = 0
+    for kind, t, a, b in ops:
+        seen.extend(("done", f, tc) for f, tc in net.advance(t))
+        if kind == "add":
+            fid += 1
+            net.add(fid, 8.0 * a, (("c", b), "s"), [math.inf, 2e5, 1.5e6][a % 3])
+        elif kind == "cap" and a in net.flows:
+            net.set_cap(a, [math.inf, 2e5, 1.5e6, 0.0][b % 4])
+        elif kind == "link":
+            net.set_capacity(("c", a % 6), [1e6, 5e5, 0.0, 3e6][b % 4])
+        elif kind == "server":
+            net.set_capacity("s", [4e6, 1e6, math.inf, 2.5e6][b % 4])
+        elif kind == "abort" and a in net.flows:
+            seen.append(("left", a, net.remove(a)))
+        seen.append(("rates", t, sorted(net.rates().items())))
+    seen.extend(("done", f, tc) for f, tc in net.advance(1e7))
+    return seen
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["add"] * 6 + ["cap", "link", "server", "abort"]), st.floats(0, 0.5),
+                          st.integers(1, 60_000), st.integers(0, 5)), min_size=1, max_size=40)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_OPS)
+def test_single_bottleneck_fast_path_matches_general_solver(ops):
+    """The incremental single-bottleneck path (entered, left when a client's link gets a
+    second flow or the server link turns unlimited, re-entered) gives the same rates,
+    completion times and leftovers as re-solving max-min fairness at every event."""
+    ops = sorted(ops, key=lambda o: o[1])
+    ops = [(k, t, a if k != "cap" and k != "abort" else 1 + a % 12, b) for k, t, a, b in ops]
+    want, got = _drive(ops, math.inf), _drive(ops, 2)
+    assert [w[:2] for w in want] == [g[:2] for g in got]
+    for w, g in zip(want, got):
+        if w[0] == "rates":
+            assert [f for f, _ in w[2]] == [f for f, _ in g[2]]
+            for (_, x), (_, y) in zip(w[2], g[2]):
+                assert y == pytest.approx(x, rel=1e-9, abs=1e-6)
+        else:
+            assert g[2] == pytest.approx(w[2], rel=1e-9, abs=1e-6)
+
+
+@pytest.mark.parametrize("shared_min", [math.inf, 2])
+def test_many_uploads_through_one_finite_link_in_closed_form(shared_min):
+    """F uploads of sizes B_1 < ... < B_F through C (client links faster than C): the k-th
+    smallest finishes when everybody has received B_k, i.e. at sum_{j<k} B_j/C + (F-k+1) B_k/C."""
+    F, C = 300, 1e7
+    net = FluidNetwork(0.0, shared_min=shared_min)
+    net.set_capacity("s", C)
+    sizes = [8.0 * (10_000 + 37 * i) for i in range(F)]
+    for i, bits in enumerate(sizes):
+        net.set_capacity(("c", i), 1e9)
+        net.add(i, bits, (("c", i), "s"))
+    done = net.advance(1e9)
+    assert [f for f, _ in done] == list(range(F))
+    served = 0.0
+    for k, (fid, tc) in enumerate(done):
+        want = (served + (F - k) * sizes[k]) / C
+        served += sizes[k]
+        assert tc == pytest.approx(want, rel=1e-9)
