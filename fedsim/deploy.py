@@ -31,7 +31,7 @@ from .data import load_dataset, partition
 from .models import build_model
 from .node import Stats
 from .results import EventLog
-from .runner import ClientSide, Progress, ServerSide, summarise_parts
+from .runner import ClientSide, Progress, ServerSide, quiet_gc, summarise_parts
 from .scenario import Scenario
 
 
@@ -85,8 +85,9 @@ def serve(scenario: Scenario, bind: str, *, keys: str | Path | None = None, out_
     events, stats = EventLog(loop.time), Stats()
     server = ServerSide(scenario, loop, transport, dataset, model, algorithm, events, stats, limits)
     try:
-        loop.run_until_complete(server.run_rounds(progress, lambda event: events("fault_remote", **event),
-                                                  registration_timeout))
+        with quiet_gc():
+            loop.run_until_complete(server.run_rounds(progress, lambda event: events("fault_remote", **event),
+                                                      registration_timeout))
         loop.run_until_complete(asyncio.sleep(0.2))  # let the farewell leave the socket
     finally:
         transport.close()
@@ -132,7 +133,8 @@ def join(scenario: Scenario, connect: str, client_ids: list[int], *, keys: str |
         await asyncio.wait_for(side.node.done.wait(), timeout)
 
     try:
-        loop.run_until_complete(main())
+        with quiet_gc():
+            loop.run_until_complete(main())
     finally:
         for task in asyncio.all_tasks(loop):
             task.cancel()

@@ -7,6 +7,8 @@ roles run across processes and hosts through ``fedsim.deploy``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -177,6 +179,25 @@ class Simulation:
         self.context.term()
 
 
+@contextlib.contextmanager
+def quiet_gc(gen0_threshold: int = 50_000):
+    """Keep the cyclic garbage collector out of the hot loop.
+
+    A run makes almost no cyclic garbage per message, but CPython's collector still walks
+    every live container (actors, tensors, event rows) on its schedule: measured as ~30% of
+    the framework's time per message with 2,000 clients. Freezing what setup built and
+    collecting young objects less often removes most of it; the settings are restored after.
+    """
+    saved = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(gen0_threshold, saved[1], saved[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*saved)
+        gc.unfreeze()
+
+
 def build(scenario: Scenario, loop: asyncio.AbstractEventLoop) -> Simulation:
     seed = scenario.run.seed
     dataset = load_dataset(scenario.data, seed)
@@ -197,7 +218,8 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
     sim = None
     try:
         sim = build(scenario, loop)
-        loop.run_until_complete(sim.main(progress))
+        with quiet_gc():
+            loop.run_until_complete(sim.main(progress))
     finally:
         if sim is not None:
             sim.close()

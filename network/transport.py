@@ -152,10 +152,11 @@ class Transport:
                 break
             n += 1
             self.received += 1
+            # memoryview(frame), not frame.buffer: the property costs ~50 us a message
             if self.router:
-                on_message(parts[0].bytes, [f.buffer for f in parts[1:]])
+                on_message(parts[0].bytes, [memoryview(f) for f in parts[1:]])
             else:
-                on_message(b"", [f.buffer for f in parts])
+                on_message(b"", [memoryview(f) for f in parts])
         if self._backlog:
             self._flush()
         return n
