@@ -18,7 +18,7 @@ from rich.table import Table
 import torch
 
 from fedsim.clock import VirtualTimeLoop
-from fedsim.runner import build, summarise
+from fedsim.runner import build, quiet_gc, summarise
 from fedsim.scenario import load_scenario
 
 
@@ -46,7 +46,8 @@ def main() -> None:
         marks["start"] = time.perf_counter()
         await original_main(progress_cb)
 
-    loop.run_until_complete(timed_main(progress))
+    with quiet_gc():  # as fedsim.runner.run does
+        loop.run_until_complete(timed_main(progress))
     sim.close()
     loop.close()
     total = time.perf_counter() - t0
