@@ -96,7 +96,12 @@ class FeDLRT(Algorithm):
         local_steps: int = 10
         """s: client gradient steps on the coefficients per round."""
         variance_correction: str = "full"
-        """``full`` | ``simplified`` | ``none`` (see the module docstring)."""
+        """``full`` | ``simplified`` | ``none`` (see the module docstring). The correction
+        guarantees descent for a step within the paper's bound (λ of order 1/(L·s)); far
+        beyond it (many local steps at a large ``lr`` on label-skewed clients) the constant
+        correction pushes along directions the local loss does not curve in, and ``none``
+        trains better (measured: Fashion-MNIST 784-200-10, 10 Dirichlet(0.5) clients, lr 0.2,
+        30 steps, rank 16: 0.52 test accuracy with ``full``, 0.77 with ``none`` after 6 rounds)."""
         batch_size: int = 32
         """Samples per local step; 0 uses the client's full local data (gradient descent)."""
         max_rank: int = 0

@@ -31,7 +31,7 @@ from .data import load_dataset, partition
 from .models import build_model
 from .node import Stats
 from .results import EventLog
-from .runner import ClientSide, Progress, ServerSide, quiet_gc, summarise_parts
+from .runner import ClientSide, Progress, ServerSide, make_algorithm, quiet_gc, summarise_parts
 from .scenario import Scenario
 
 
@@ -81,7 +81,7 @@ def serve(scenario: Scenario, bind: str, *, keys: str | Path | None = None, out_
     seed = scenario.run.seed
     dataset = load_dataset(scenario.data, seed)
     model = build_model(scenario.model, dataset.input_shape, dataset.num_classes, seed)
-    algorithm = scenario.algorithm_class(scenario.algorithm, model)
+    algorithm = make_algorithm(scenario, model)
     events, stats = EventLog(loop.time), Stats()
     server = ServerSide(scenario, loop, transport, dataset, model, algorithm, events, stats, limits)
     try:
@@ -121,7 +121,7 @@ def join(scenario: Scenario, connect: str, client_ids: list[int], *, keys: str |
     if bad:
         raise ValueError(f"client ids {bad[:5]} outside 0..{len(parts) - 1}")
     model = build_model(scenario.model, dataset.input_shape, dataset.num_classes, seed)
-    algorithm = scenario.algorithm_class(scenario.algorithm, model)
+    algorithm = make_algorithm(scenario, model)
     events, stats = EventLog(loop.time), Stats()
     # This process's own copy of the compute model (device speeds derive from the seed).
     compute = Emulator(scenario.network, scenario.data.clients, LoopClock(loop), seed, lambda *a, **k: None)

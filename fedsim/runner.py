@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import zmq
 
-from algorithms.base import Algorithm, params_digest
+from algorithms.base import Algorithm, ConfigError, params_digest
 from network.emulator import Emulator
 from network.transport import Transport
 
@@ -28,6 +28,7 @@ from .data import Dataset, load_dataset, partition
 from .models import build_model, evaluate, work_per_sample
 from .node import Node, Stats
 from .results import EventLog, RoundMetrics, RunResult
+from .errors import ScenarioError
 from .scenario import Scenario
 from .server import ServerRole
 
@@ -198,12 +199,21 @@ def quiet_gc(gen0_threshold: int = 50_000):
         gc.unfreeze()
 
 
+def make_algorithm(scenario: Scenario, model: torch.nn.Module) -> Algorithm:
+    """The scenario's algorithm on this model; a setting the model cannot take (a rank
+    above a layer's size) is a ScenarioError naming the key, like any other."""
+    try:
+        return scenario.algorithm_class(scenario.algorithm, model)
+    except ConfigError as exc:
+        raise ScenarioError(f"algorithm.{exc.key}", exc.value, exc.reason, source=scenario.source) from None
+
+
 def build(scenario: Scenario, loop: asyncio.AbstractEventLoop) -> Simulation:
     seed = scenario.run.seed
     dataset = load_dataset(scenario.data, seed)
     parts = partition(dataset.train_y, scenario.data, seed)
     model = build_model(scenario.model, dataset.input_shape, dataset.num_classes, seed)
-    algorithm = scenario.algorithm_class(scenario.algorithm, model)
+    algorithm = make_algorithm(scenario, model)
     return Simulation(scenario, loop, dataset, parts, model, algorithm)
 
 
