@@ -74,31 +74,39 @@ class LocalComm:
         await self.broadcast(kind, payload, version=version, to=[client])
 
     async def gather(self, kind, *, version=None, clients=None, deadline_s=None):
-        out: dict[int, Reply] = {}
-        for client, payload, v in self._inbox.pop(kind, []):
-            if clients is not None and client not in clients:
-                continue
-            if version is not None and v != version:
-                self.count("stale_rejected")
-                continue
-            if client in out:
-                self.count("duplicate_dropped")
-                continue
-            try:
-                self.algorithm.check_reply(kind, payload)
-            except ProtocolError as exc:
-                self.count("rejected")
-                self.log("rejected", client=client, reason=str(exc))
-                continue
-            self.uplink_bits += payload.payload_bits
-            out[client] = Reply(client, payload, v)
-        return dict(sorted(out.items()))
+        out = accept_replies(self, kind, self._inbox.pop(kind, []), version, clients)
+        self.uplink_bits += sum(r.payload.payload_bits for r in out.values())
+        return out
 
     def count(self, name, n=1):
         self.counters[name] = self.counters.get(name, 0) + n
 
     def log(self, event, **fields):
         self.events.append((event, fields))
+
+
+def accept_replies(comm, kind: str, entries, version, clients) -> dict[int, Reply]:
+    """The runtime's gather rules (fedsim.server.ServerRole._accept) over in-memory replies:
+    ``entries`` are (client, payload, version); wrong version, duplicates and replies that
+    fail ``check_reply`` are counted and left out; the result is in client-id order."""
+    out: dict[int, Reply] = {}
+    for client, payload, v in entries:
+        if clients is not None and client not in clients:
+            continue
+        if version is not None and v != version:
+            comm.count("stale_rejected")
+            continue
+        if client in out:
+            comm.count("duplicate_dropped")
+            continue
+        try:
+            comm.algorithm.check_reply(kind, payload)
+        except ProtocolError as exc:
+            comm.count("rejected")
+            comm.log("rejected", client=client, reason=str(exc))
+            continue
+        out[client] = Reply(client, payload, v)
+    return dict(sorted(out.items()))
 
 
 def run_rounds(algorithm: Algorithm, comm: LocalComm, rounds: int) -> None:

@@ -48,7 +48,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import algorithms
 from algorithms.base import Algorithm, Payload, ProtocolError, Reply, get_algorithm, state_digest
-from tests.fakes import FakeClientContext
+from tests.fakes import FakeClientContext, accept_replies
 
 EMPTY = state_digest({})
 SETTLE_ROUNDS = 3
@@ -200,30 +200,9 @@ class FaultyComm:
         self._held_up.clear()
 
     async def gather(self, kind, *, version=None, clients=None, deadline_s=None):
-        out: dict[int, Reply] = {}
-        keep = []
-        for item in self._inbox:
-            k, client, payload, v = item
-            if k != kind:
-                keep.append(item)
-                continue
-            if clients is not None and client not in clients:
-                continue
-            if version is not None and v != version:
-                self.count("stale_rejected")
-                continue
-            if client in out:
-                self.count("duplicate_dropped")
-                continue
-            try:
-                self.algorithm.check_reply(kind, payload)
-            except ProtocolError as exc:
-                self.count("rejected")
-                self.log("rejected", client=client, reason=str(exc))
-                continue
-            out[client] = Reply(client, payload, v)
-        self._inbox = keep
-        return dict(sorted(out.items()))
+        mine = [(client, payload, v) for k, client, payload, v in self._inbox if k == kind]
+        self._inbox = [item for item in self._inbox if item[0] != kind]
+        return accept_replies(self, kind, mine, version, clients)
 
     def count(self, name, n=1):
         self.counters[name] = self.counters.get(name, 0) + n
