@@ -113,6 +113,8 @@ class ServerRole(Actor):
             self.algorithm.check_reply(msg.kind, msg.payload)
         except ProtocolError as exc:
             return self._refuse(msg, "bad_reply", str(exc))
+        except Exception as exc:  # a validator tripping over odd bytes must not kill the server
+            return self._refuse(msg, "bad_reply", f"validation failed: {type(exc).__name__}: {exc}")
         g.replies[client] = Reply(client, msg.payload, msg.version)
         if self._complete(g) and not g.fut.done():
             g.fut.set_result(None)
