@@ -76,3 +76,22 @@ def test_garbage_to_live_server_is_rejected_and_run_finishes_unchanged():
     assert len(rejects) == 6 and all(r["detail"] for r in rejects)
     assert result.summary["rounds"] == 3
     assert result.summary["model_sha256"] == clean.summary["model_sha256"]
+
+
+def test_nan_gradient_from_a_client_is_rejected_and_model_stays_finite():
+    scenario = load_scenario(None, ["run.rounds=3", "data.clients=5", "algorithm.name=sgd"])
+    loop = VirtualTimeLoop()
+    sim = build(scenario, loop)
+    poisoned = sim.clients[2].data
+    poisoned.x = torch.full_like(poisoned.x, float("nan"))  # every gradient of client 2 is NaN
+    try:
+        loop.run_until_complete(sim.main(None))
+    finally:
+        sim.close()
+        loop.close()
+    result = summarise(sim, 0.0)
+    assert result.summary["counters"]["bad_reply"] == 3  # one per round, from client 2
+    rejects = [f for _, e, f in result.events.rows if e == "reject" and f.get("reason") == "bad_reply"]
+    assert {r["src"] for r in rejects} == {2} and all("NaN" in r["detail"] for r in rejects)
+    assert all(bool(torch.isfinite(t).all()) for t in result.final_params.values())
+    assert result.summary["rounds"] == 3
