@@ -10,9 +10,19 @@ heads, which travel as FedAvg's deltas). Round t:
    steps of minibatch SGD on its modules and returns A_c, B_c and its dense deltas.
 2. the server averages the modules and deltas (sample-weighted, client-id order);
 3. every τ rounds (``merge_every``) it merges the modules' product into the base,
-   W0 ← W0 + B A, and restarts the modules: A fresh (seeded: ``init_seed`` and the merge
-   count), B = 0, so W is unchanged by the restart. Repeated merges accumulate rank: the
-   model is not confined to rank r although each round only moves r-dimensional factors.
+   W0 ← W0 + B A, and restarts the modules: one factor a fresh random subspace (seeded:
+   ``init_seed`` and the merge count), the other 0 (:func:`init_modules`), so W is unchanged
+   by the restart. Repeated merges accumulate rank: the model is not confined to rank r
+   although each round only moves r-dimensional factors.
+
+Local steps on B and A are scaled by the other factor's Gram matrix
+(``lowrank.scaled_factor_grads``, ``damping``): plain SGD on a product moves W by a step that
+grows with the factors' size, which is what made FedLoRU diverge at client steps FedAvg takes.
+
+Settings: the ``Config`` defaults are those of Fashion-MNIST 784-200-10 (10 clients). For the
+digits MLP 64-512-512-10 (10 clients of ~144 samples) use ``local_steps = 24`` and keep the
+rest (30 rounds: 0.972 against FedAvg's 0.983 at the same lr and 24 steps, 9.5x fewer uplink
+bytes); a 64-64-10 MLP leaves too little to save for 4x at this accuracy.
 
 The base is shared state. The server tracks which base version (number of merges) it sent
 each client: a client one merge behind receives the merged factors (B, A) and applies
@@ -52,20 +62,29 @@ import torch
 
 from .base import Algorithm, Params, Payload, ProtocolError, check, register, state_digest
 from .lowrank import (LOSSES, check_rank_fits, expect_tensors, float_bits, linear_weights, local_steps,
-                      mean_by, positive_samples)
+                      mean_by, positive_samples, scaled_factor_grads)
 
 
 def init_modules(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator,
                  ) -> tuple[Params, Params]:
-    """Fresh modules: A with orthonormal rows (a random r-dimensional subspace of the input
-    space), B = 0, so B A = 0. The first step on B then moves W by −λ·G·AᵀA, the gradient
-    projected onto that subspace at full step size; LoRA's default (A uniform in ±1/√m)
-    shrinks that step to about λ/3 and trains from scratch markedly slower."""
+    """Fresh modules with B A = 0: one factor spans a random r-dimensional subspace
+    (orthonormal columns of B, or rows of A), the other is 0.
+
+    While the zero factor trains alone, a step moves W by the gradient G projected onto that
+    subspace at full step size: −λ·B BᵀG (B random) or −λ·G AᵀA (A random). A random
+    r-subspace keeps about r/d of G, d the dimension of the side it projects, so the random
+    factor goes on the *smaller* side (B for n <= m, A otherwise). On an input layer (784
+    pixels, 200 units) LoRA's convention (A random, B = 0) keeps r/784 of each step; this one
+    keeps r/200 and leaves G's input side (the data's own subspace) intact. That is also
+    what made larger steps diverge before: B learnt r/m as fast as A, and a step large
+    enough for B was too large for A. (LoRA's A uniform in ±1/√m shrinks that step further.)"""
     A, B = {}, {}
     for k, (n, m) in shapes.items():
-        Q, _ = torch.linalg.qr(torch.randn((m, rank), generator=generator))
-        A[k] = Q.T.contiguous()
-        B[k] = torch.zeros((n, rank))
+        Q, _ = torch.linalg.qr(torch.randn((min(n, m), rank), generator=generator))
+        if n <= m:
+            B[k], A[k] = Q.contiguous(), torch.zeros((rank, m))
+        else:
+            A[k], B[k] = Q.T.contiguous(), torch.zeros((n, rank))
     return A, B
 
 
@@ -83,22 +102,37 @@ class FedLoRU(Algorithm):
 
     @dataclass
     class Config(Algorithm.Config):
-        rank: int = 8
+        """Defaults: the settings that meet the issue's target on Fashion-MNIST (784-200-10,
+        10 IID clients): 0.855 test accuracy after 20 rounds against FedAvg's 0.866, with 8.8x
+        fewer uplink bytes. A digits MLP (8x8 inputs, few samples per client) needs fewer
+        local steps (see the module docstring)."""
+
+        lr: float = 0.3
+        """Client step λ on the modules (and dense parameters)."""
+        rank: int = 16
         """r: rank of the global modules of every factorised layer (1 <= r <= min(n, m))."""
         merge_every: int = 5
         """τ (rounds): merge B A into the base and restart the modules every τ rounds."""
-        local_steps: int = 10
-        """Client SGD steps on the modules per round."""
+        local_steps: int = 188
+        """Client SGD steps on the modules per round (188 x 32 samples: one epoch of a
+        Fashion-MNIST client of 6,000)."""
         batch_size: int = 32
         """Samples per local step; 0 uses the client's full local data."""
-        keep_last_dense: bool = False
-        """Leave the last Linear layer dense (it then travels as FedAvg's deltas)."""
+        keep_last_dense: bool = True
+        """Leave the last Linear layer dense (it then travels as FedAvg's deltas): a 10-class
+        head is too narrow for a rank-r module to save anything."""
         loss: str = "cross_entropy"
         """Client objective: ``cross_entropy`` | ``mse`` (see ``lowrank.LOSSES``)."""
         personal_rank: int = 0
         """pFedLoRU: rank of each client's personal modules (never sent); 0 turns it off."""
         init_seed: int = 0
         """Seed of the modules' (re)initialisation at start and after every merge."""
+        damping: float = 0.1
+        """δ of the scaled local steps (``lowrank.scaled_factor_grads``); 0 takes plain SGD
+        steps on the factors (LoRA's), whose step in W grows with the factors' size: on
+        Fashion-MNIST (784-200-10, rank 16, 188 steps, τ = 5) plain steps diverged at lr 0.5
+        (and at rank 32, τ = 1, lr 0.3), scaled ones reach 0.848 at lr 0.5 and 0.855 at lr 0.3
+        after 20 rounds. δ = 0.1 keeps 1/1.1 of the step along the random factor's subspace."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -112,6 +146,7 @@ class FedLoRU(Algorithm):
             check(self.loss in LOSSES, "loss", self.loss, f"must be one of {', '.join(LOSSES)}")
             check(isinstance(self.personal_rank, int) and self.personal_rank >= 0, "personal_rank",
                   self.personal_rank, "must be an integer >= 0 (0: off)")
+            check(self.damping >= 0, "damping", self.damping, "must be >= 0 (0: plain SGD on the factors)")
 
     def __init__(self, config: "FedLoRU.Config", model: torch.nn.Module):
         super().__init__(config, model)
@@ -285,13 +320,14 @@ class FedLoRU(Algorithm):
         def build_global(leaves):  # personal modules fixed
             return self._compose(base, leaves, personal)
         trained, seen = local_steps(ctx.model, build_global, start, ctx.x, ctx.y, loss=cfg.loss, lr=cfg.lr,
-                                    steps=cfg.local_steps, batch_size=cfg.batch_size, generator=generator)
+                                    steps=cfg.local_steps, batch_size=cfg.batch_size, generator=generator,
+                                    precondition=self._scaled("B", "A"))
         if personal:
             def build_personal(leaves):  # global modules fixed at their trained values
                 return self._compose(base, trained, leaves)
             personal_trained, more = local_steps(ctx.model, build_personal, personal, ctx.x, ctx.y, loss=cfg.loss,
                                                  lr=cfg.lr, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                                                 generator=generator)
+                                                 generator=generator, precondition=self._scaled("Bp", "Ap"))
             ctx.state["personal"] = personal_trained
             seen += more
         ctx.charge(seen)
@@ -299,6 +335,20 @@ class FedLoRU(Algorithm):
         out.update({f"{k}.delta": trained[k] - start[k] for k in self.dense_names})
         return Payload(out, meta={"samples": len(ctx.x), "base_version": shared["base_version"]},
                        payload_bits=float_bits(out), version=payload.version)
+
+    def _scaled(self, b: str, a: str):
+        """The step map of ``local_steps``: scaled factor gradients (or None: plain SGD)."""
+        if not self.config.damping:
+            return None
+
+        def precondition(grads: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = dict(grads)
+            for k in self.factorised:
+                kb, ka = f"{k}.{b}", f"{k}.{a}"
+                out[kb], out[ka] = scaled_factor_grads(grads[kb], grads[ka], leaves[kb], leaves[ka],
+                                                       self.config.damping)
+            return out
+        return precondition
 
     def _compose(self, base: Params, leaves: dict[str, torch.Tensor], personal: dict[str, torch.Tensor]) -> Params:
         out = {}

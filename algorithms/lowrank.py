@@ -168,11 +168,14 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator) -> torch.
 def local_steps(model: nn.Module, build: Builder, leaves: dict[str, torch.Tensor], x: torch.Tensor,
                 y: torch.Tensor, *, loss: str, lr: float, steps: int, batch_size: int,
                 generator: torch.Generator, correction: Mapping[str, torch.Tensor] | None = None,
-                ) -> tuple[dict[str, torch.Tensor], int]:
+                precondition: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+                | None = None) -> tuple[dict[str, torch.Tensor], int]:
     """``steps`` of (minibatch) gradient descent on the leaves; returns them and samples used.
 
     ``correction`` (FeDLRT's variance correction, global minus local gradient at the start
-    point) is added to every step's gradient of the leaves it names.
+    point) is added to every step's gradient of the leaves it names. ``precondition(grads,
+    leaves)`` maps each step's gradients to the directions actually taken (FedLoRU's scaled
+    steps on B A).
     """
     current = {k: v.detach().clone() for k, v in leaves.items()}
     seen = 0
@@ -180,12 +183,33 @@ def local_steps(model: nn.Module, build: Builder, leaves: dict[str, torch.Tensor
         idx = batch_indices(len(x), batch_size, generator)
         xb, yb = (x, y) if idx is None else (x[idx], y[idx])
         _, grads = loss_and_grads(model, build, current, xb, yb, loss)
+        if precondition is not None:
+            grads = precondition(grads, current)
         for k, g in grads.items():
             if correction is not None and k in correction:
                 g = g + correction[k]
             current[k].sub_(g, alpha=lr)
         seen += len(xb)
     return current, seen
+
+
+def scaled_factor_grads(grad_B: torch.Tensor, grad_A: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
+                        damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of W = B A rescaled by the other factor's Gram matrix (scaled gradient descent).
+
+    Plain steps on B and A move W by −λ(G AᵀA + B BᵀG) (G = ∂L/∂W, first order): the step in
+    W grows with the squared size of the factors, so a step size that is stable while a
+    factor is small diverges once it has grown. Scaling by the Gram matrices,
+    ∇_B ← ∇_B (A Aᵀ + δI)⁻¹ and ∇_A ← (BᵀB + δI)⁻¹ ∇_A, makes the move
+    −λ(G P_A + P_B G) with P_A = Aᵀ(A Aᵀ + δI)⁻¹A and P_B = B(BᵀB + δI)⁻¹Bᵀ, whose
+    eigenvalues lie in [0, 1): at most plain gradient descent on W, whatever the factors'
+    size (Zhang & Pilanci 2024, Riemannian preconditioned LoRA). ``damping`` δ > 0 keeps the
+    r×r systems regular while a factor is still near 0.
+    """
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+    grad_B = torch.linalg.solve(A @ A.T + damping * eye, grad_B.T).T  # the Gram matrix is symmetric
+    grad_A = torch.linalg.solve(B.T @ B + damping * eye, grad_A)
+    return grad_B, grad_A
 
 
 # --------------------------------------------------------------------------- messages

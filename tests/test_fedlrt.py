@@ -20,7 +20,7 @@ def _regression_run(partition: str, rank: int, rounds: int, *, lr_scale: float =
     model = data.model()
     lr = lr_scale / (data.smoothness() * steps)
     cfg = FeDLRT.Config(lr=lr, rank=rank, tolerance=0.01, local_steps=steps, variance_correction=correction,
-                        batch_size=0, loss="mse")
+                        batch_size=0, loss="mse", keep_last_dense=False)
     alg = FeDLRT(cfg, model)
     comm = RecordingComm(alg, contexts(model, data.x, data.y, data.parts))
     losses = [data.loss(model, alg.model_params())]
@@ -67,7 +67,7 @@ ROUNDS, LR = 60, 0.5
 def test_digits_adaptive_rank_matches_fedavg_with_fewer_upload_bits():
     fedavg_acc, fedavg_bits = fedavg_digits(ROUNDS, LR)
     acc, bits, alg = run_digits(FeDLRT, ROUNDS, lr=LR, rank=8, tolerance=0.1, local_steps=5,
-                                variance_correction="none")
+                                variance_correction="none", keep_last_dense=False)
     print(f"fedavg {fedavg_acc:.3f} {fedavg_bits} bits; fedlrt {acc:.3f} {bits} bits ranks {alg.ranks}: "
           f"gap {fedavg_acc - acc:+.3f}, upload ratio {fedavg_bits / bits:.2f}")
     assert fedavg_acc > 0.95
@@ -80,7 +80,7 @@ def test_digits_adaptive_rank_matches_fedavg_with_fewer_upload_bits():
 def test_digits_rank_capped_at_4_uploads_5x_less_than_fedavg():
     fedavg_acc, fedavg_bits = fedavg_digits(ROUNDS, LR)
     acc, bits, alg = run_digits(FeDLRT, ROUNDS, lr=LR, rank=4, max_rank=4, tolerance=0.1, local_steps=5,
-                                variance_correction="none")
+                                variance_correction="none", keep_last_dense=False)
     print(f"fedavg {fedavg_acc:.3f}; fedlrt rank<=4 {acc:.3f}: gap {fedavg_acc - acc:+.3f}, "
           f"upload ratio {fedavg_bits / bits:.2f}")
     assert alg.ranks == {"1.weight": 4, "3.weight": 4}
@@ -119,7 +119,8 @@ def _formula(alg: FeDLRT, ranks: dict[str, int], correction: str) -> dict[tuple[
 def test_bits_per_round_and_direction_match_docstring_formula(correction):
     data = digits()
     model = data.model()
-    alg = FeDLRT(FeDLRT.Config(lr=0.5, rank=3, tolerance=0.05, local_steps=2, variance_correction=correction), model)
+    alg = FeDLRT(FeDLRT.Config(lr=0.5, rank=3, tolerance=0.05, local_steps=2, variance_correction=correction,
+                                keep_last_dense=False), model)
     comm = RecordingComm(alg, contexts(model, data.x_train, data.y_train, data.parts[:3]))
     ranks_at_start = {}
 
@@ -146,6 +147,7 @@ def test_bits_per_round_and_direction_match_docstring_formula(correction):
 # --------------------------------------------------------------------------- state sync
 
 def _small(correction="full", clients=3, **kw):
+    kw.setdefault("keep_last_dense", False)
     data = digits()
     model = data.model()
     alg = FeDLRT(FeDLRT.Config(lr=0.5, rank=3, tolerance=0.05, local_steps=2, variance_correction=correction, **kw),
@@ -266,7 +268,7 @@ def test_keep_last_dense_sends_the_head_as_deltas():
 @pytest.mark.parametrize("values, key", [
     ({"rank": 0}, "rank"),
     ({"rank": 65}, "rank"),          # hidden layer is 64x64
-    ({"rank": 11}, "rank"),          # head is 10x64: checked when the model is known
+    ({"rank": 11, "keep_last_dense": False}, "rank"),  # head is 10x64: checked when the model is known
     ({"tolerance": 0.0}, "tolerance"),
     ({"tolerance": 1.0}, "tolerance"),
     ({"tolerance": -0.1}, "tolerance"),

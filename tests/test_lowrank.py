@@ -9,7 +9,7 @@ from torch import nn
 
 from algorithms import ConfigError
 from algorithms.lowrank import (augment_basis, check_rank_fits, float_bits, linear_weights, loss_and_grads,
-                                pad_coefficients, svd_factors, truncate, truncation_rank)
+                                pad_coefficients, scaled_factor_grads, svd_factors, truncate, truncation_rank)
 
 
 def _orthonormal(n, r, seed):
@@ -90,3 +90,36 @@ def test_loss_and_grads_match_the_dense_gradient_through_factors():
 
 def test_float_bits_counts_32_per_value():
     assert float_bits({"a": torch.zeros(3, 4), "b": torch.zeros(5)}) == 32 * 17
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 12), m=st.integers(2, 12), r=st.integers(1, 4), scale=st.floats(0.01, 100.0),
+       seed=st.integers(0, 10_000))
+def test_scaled_factor_step_never_moves_w_further_than_plain_gradient_descent(n, m, r, scale, seed):
+    # First order, the move of B A is G P_A + P_B G with P_A, P_B of eigenvalues in [0, 1):
+    # its norm is at most 2 ||G|| whatever the factors' size; plain steps grow with scale².
+    r = min(r, n, m)
+    g = torch.Generator().manual_seed(seed)
+    B = scale * torch.randn(n, r, generator=g, dtype=torch.float64)
+    A = scale * torch.randn(r, m, generator=g, dtype=torch.float64)
+    G = torch.randn(n, m, generator=g, dtype=torch.float64)
+    gB, gA = scaled_factor_grads(G @ A.T, B.T @ G, B, A, damping=0.1)
+    move = gB @ A + B @ gA
+    assert float(torch.linalg.matrix_norm(move)) <= 2 * float(torch.linalg.matrix_norm(G)) * (1 + 1e-9)
+    # With a zero damping the directions are exact projections: G P_A + P_B G.
+    gB0, gA0 = scaled_factor_grads(G @ A.T, B.T @ G, B, A, damping=0.0)
+    P_A = A.T @ torch.linalg.pinv(A @ A.T) @ A
+    P_B = B @ torch.linalg.pinv(B.T @ B) @ B.T
+    if torch.linalg.matrix_rank(A) == r and torch.linalg.matrix_rank(B) == r and scale > 0.1:
+        assert torch.allclose(gB0 @ A + B @ gA0, G @ P_A + P_B @ G, atol=1e-6 * float(G.abs().max()) * 10)
+
+
+def test_scaled_factor_step_is_plain_descent_along_an_orthonormal_factor():
+    # B with orthonormal columns and A = 0 (FedLoRU's fresh modules for n <= m): the A step is
+    # the plain gradient divided by 1 + damping, the B step is 0.
+    B, _ = torch.linalg.qr(torch.randn(6, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    A = torch.zeros(2, 9, dtype=torch.float64)
+    G = torch.randn(6, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    gB, gA = scaled_factor_grads(G @ A.T, B.T @ G, B, A, damping=0.1)
+    assert torch.equal(gB, torch.zeros_like(gB))
+    assert torch.allclose(gA, B.T @ G / 1.1, atol=1e-12)
