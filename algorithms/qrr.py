@@ -74,7 +74,7 @@ def tucker(t: torch.Tensor, ranks: tuple[int, ...], n_iter_max: int = 5) -> tupl
     with tl.backend.BackendManager.backend_context("pytorch"), warnings.catch_warnings():
         # tensorly warns when a mode's rank exceeds another unfolding's size and clamps it
         warnings.simplefilter("ignore", UserWarning)
-        core, factors = tl_tucker(t, rank=list(ranks), init="svd", n_iter_max=n_iter_max, tol=1e-6)
+        core, factors = tl_tucker(t, rank=list(ranks), init="svd", n_iter_max=n_iter_max, tol=1e-6, random_state=0)
     return core.to(torch.float32), [f.to(torch.float32) for f in factors]
 
 

@@ -1,69 +1,216 @@
 """Results table of the compression methods through the real runtime (fixed seeds, 10 clients).
 
-Rows: MLP 784-200-10 on Fashion-MNIST (the QRR / LQ-SGD papers' setting), the small CNN on
-Fashion-MNIST, and an MLP on digits. Per method: final test accuracy, uplink bytes measured on
-the wire, and uplink bytes relative to sgd. Printed as a markdown table.
+Rows (``--rows``): ``mlp`` (Fashion-MNIST, MLP 784-200-10: the QRR / LQ-SGD papers'
+setting), ``cnn`` (the small CNN, on digits: see bench/settings.py for why) and ``digits``
+(MLP 64-64-10). Methods: sgd, laq, slaq, qrr (p = 0.3, b = 8), powersgd (r = 4), lqsgd
+(r = 4, b = 8), fedavg, fedlrt and fedloru (their own defaults). Per run: test accuracy
+(mean over the last 10% of the rounds; the final evaluation beside it), uplink wire bytes,
+uplink per round relative to sgd (and, for FeDLRT and FedLoRU, total uplink relative to
+fedavg), and whether the paper's target holds:
 
-Usage:  .venv/bin/python bench/compression_table.py [--rounds 50] [--quick] [--rows mlp,cnn,digits]
+* QRR (p = 0.3, b = 8) within 3 points of sgd at <= 10% of its uplink bytes;
+* LQ-SGD within 2 points of PowerSGD (same rank) at <= 30% of its uplink bytes;
+* FeDLRT within 2 points of FedAvg with >= 5x fewer client upload bytes;
+* FedLoRU within 2 points of FedAvg with >= 4x fewer client upload bytes.
 
-Paper targets on the Fashion-MNIST MLP: QRR (p = 0.3, b = 8) within 3 accuracy points of sgd
-at <= 10% of its uplink bytes; LQ-SGD within 2 points of PowerSGD at the same rank with
-<= 30% of PowerSGD's uplink bytes. The script reports what it measures, met or not.
+Every setting lives in bench/settings.py (shared with tests/test_paper_targets.py).
+
+Usage:
+  .venv/bin/python bench/compression_table.py                    # all rows (~15 min on 2 cores)
+  .venv/bin/python bench/compression_table.py --write-readme     # ... and update README.md
+  .venv/bin/python bench/compression_table.py --rows digits --rounds 50 --local-rounds 20
+
+The markdown table goes to stdout, the progress to stderr.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime as _dt
+import re
+import shlex
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from fedsim.runner import run  # noqa: E402
-from fedsim.scenario import load_scenario  # noqa: E402
+from bench import settings as S  # noqa: E402
 
-METHODS = {
-    "sgd": [],
-    "laq": ["algorithm.bits=8"],
-    "slaq": ["algorithm.bits=8"],
-    "qrr": ["algorithm.bits=8", "algorithm.rank_fraction=0.3"],
-    "powersgd": ["algorithm.rank=4"],
-    "lqsgd": ["algorithm.rank=4", "algorithm.bits=8"],
-}
-ROWS = {
-    "mlp": ("Fashion-MNIST MLP 784-200-10", ["data.dataset=fashion-mnist", "model.kind=mlp", "model.hidden=[200]"]),
-    "cnn": ("Fashion-MNIST small CNN", ["data.dataset=fashion-mnist", "model.kind=cnn"]),
-    "digits": ("digits MLP 64-64-10", ["data.dataset=digits", "model.kind=mlp", "model.hidden=[64]"]),
-}
+README = ROOT / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def main(argv=None) -> None:
+@dataclass
+class Result:
+    row: str
+    label: str
+    method: str
+    rounds: int
+    measured: S.Measured | None
+    error: str = ""
+    """Why the method cannot run on this row (its configuration does not fit the model)."""
+
+    @property
+    def accuracy(self) -> float:
+        return self.measured.accuracy
+
+    @property
+    def uplink_bytes(self) -> int:
+        return self.measured.uplink_bytes
+
+
+def run_one(row_key: str, run: S.Run, rounds: int) -> Result:
+    """One seeded run through the runtime, on one torch thread."""
+    import torch
+
+    from fedsim.errors import ScenarioError
+
+    torch.set_num_threads(1)
+    try:
+        return Result(row_key, run.label, run.method, rounds, S.measure(S.ROWS[row_key], run, rounds))
+    except ScenarioError as exc:  # e.g. a low-rank default that the model's layers cannot take
+        return Result(row_key, run.label, run.method, rounds, None, f"{exc.key} = {exc.value!r}: {exc.reason}")
+
+
+def target_cells(result: Result, by_label: dict[str, Result]) -> str:
+    target = S.TARGETS.get(result.label)
+    if target is None:
+        return ""
+    ref = by_label.get(S.reference_label(target))
+    if ref is None or ref.measured is None or result.measured is None:
+        return "n/a"
+    gap, ratio, ok = target.check(result.accuracy, ref.accuracy, result.uplink_bytes, ref.uplink_bytes)
+    bits_ratio = result.measured.uplink_payload_bits / ref.measured.uplink_payload_bits
+    return (f"{'**met**' if ok else '**not met**'}: {-gap:+.1f} pts, {100 * ratio:.1f}% "
+            f"[{100 * bits_ratio:.1f}%]")
+
+
+def markdown(results: list[Result]) -> str:
+    lines = ["| setting | method | rounds | accuracy | uplink bytes | uplink/round vs sgd | uplink vs fedavg "
+             "| paper target: accuracy vs reference, uplink bytes [paper bits] vs reference |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for row_key in dict.fromkeys(r.row for r in results):
+        rows = [r for r in results if r.row == row_key]
+        by_label = {r.label: r for r in rows}
+        sgd = by_label.get("sgd") if by_label.get("sgd") and by_label["sgd"].measured else None
+        for r in rows:
+            if r.measured is None:
+                lines.append(f"| {S.ROWS[row_key].title} | {r.label} | {r.rounds} | not run: {r.error} | | | | n/a |")
+                continue
+            vs_sgd = (f"{(r.uplink_bytes / r.rounds) / (sgd.uplink_bytes / sgd.rounds):.4f}" if sgd else "")
+            ref = by_label.get(S.reference_label(S.TARGETS[r.label])) if r.label in ("fedlrt", "fedloru") else None
+            ref = ref if ref and ref.measured else None
+            vs_fedavg = (f"{r.uplink_bytes / ref.uplink_bytes:.4f} ({ref.uplink_bytes / r.uplink_bytes:.1f}x)"
+                         if ref else "")
+            acc = f"{r.accuracy:.4f} ({r.measured.final_accuracy:.4f})"
+            lines.append(f"| {S.ROWS[row_key].title} | {r.label} | {r.rounds} | {acc} | {r.uplink_bytes:,} "
+                         f"| {vs_sgd} | {vs_fedavg} | {target_cells(r, by_label)} |")
+    return "\n".join(lines)
+
+
+def settings_notes(rows: list[S.Row], methods: tuple[str, ...]) -> str:
+    """How the runs were configured, as markdown bullets (what a reader needs to reproduce them)."""
+    from algorithms import get_algorithm
+
+    notes = ["- Accuracy: the mean test accuracy over the evaluations in the last "
+             f"{100 * S.FINAL_WINDOW:g}% of the rounds, at least the last {S.MIN_WINDOW} "
+             f"(at most {S.EVALUATIONS} evaluations per run), the final "
+             "evaluation in parentheses; one evaluation swings by several points between rounds.",
+             "- Paper targets (the last column: accuracy points of the method minus its reference's, its uplink "
+             "bytes and [paper bits] as a share of the reference's): "
+             + "; ".join(f"{t.method} {t.describe()} ({t.source})" for t in S.TARGETS.values())
+             + ". They are stated for the Fashion-MNIST MLP (QRR, LQ-SGD) and for the Fashion-MNIST and "
+             "digits MLPs (FeDLRT, FedLoRU); the CNN row shows them for information.",
+             f"- {S.CLIENTS} clients, `{S.PARTITION}` partition, seed {S.SEED}, on the full test set. Uplink bytes "
+             "are wire bytes (frames plus ZMTP framing); [paper bits] are each method's own count.",
+             f"- Gradient methods: server step `lr = {S.GRADIENT_LR}`, one step per round, their default batch; "
+             + ", ".join(f"{m} `{', '.join(o.removeprefix('algorithm.') for o in extra)}`"
+                         for m, extra in S.GRADIENT_METHODS.items() if extra) + "."]
+    if set(methods) & set(S.LOCAL_METHODS):
+        for name in ("fedlrt", "fedloru"):
+            cfg = dataclasses.asdict(get_algorithm(name).Config())
+            shown = ", ".join(f"{k} = {v!r}" for k, v in cfg.items())
+            notes.append(f"- {name}: its defaults, `{shown}`.")
+        for row in rows:
+            for run in S.plan(row, tuple(m for m in methods if m == "fedavg")):
+                extra = ", ".join(e.removeprefix("algorithm.") for e in run.extra)
+                matched = "FedLoRU's" if run.label == "fedavg~fedloru" else "FeDLRT's"
+                notes.append(f"- {run.label} on {row.title}: {matched} client lr and local steps, `{extra}`: "
+                             f"{run.note}.")
+    notes.append("- Per-row rounds are in the table; the uplink-per-round ratio compares families run for different "
+                 "numbers of rounds.")
+    return "\n".join(notes)
+
+
+def write_readme(block: str) -> None:
+    text = README.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} section")
+    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    README.write_text(pattern.sub(lambda _: f"{START}\n{block}\n{END}", text, count=1))
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--rows", default="mlp,cnn,digits")
-    ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="5 rounds, to check the plumbing")
+    ap.add_argument("--rows", default=",".join(S.ROWS), help=f"comma-separated subset of {', '.join(S.ROWS)}")
+    ap.add_argument("--methods", default=",".join(S.METHODS), help="comma-separated subset of the methods")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of the gradient methods (default: per row)")
+    ap.add_argument("--local-rounds", type=int, default=None,
+                    help="rounds of fedavg, fedlrt, fedloru (default: per row)")
+    ap.add_argument("--write-readme", action="store_true", help=f"replace README.md between {START} and {END}")
     args = ap.parse_args(argv)
-    rounds = 5 if args.quick else args.rounds
-    print(f"| setting | method | final accuracy | uplink bytes | uplink vs sgd | wall s |")
-    print("|---|---|---|---|---|---|")
-    for row in args.rows.split(","):
-        title, row_overrides = ROWS[row]
-        sgd_bytes = None
-        for method in args.methods.split(","):
-            overrides = [f"algorithm.name={method}", f"algorithm.lr={args.lr}", "data.clients=10",
-                         f"run.rounds={rounds}", f"run.seed={args.seed}", *row_overrides, *METHODS[method]]
-            start = time.perf_counter()
-            summary = run(load_scenario(None, overrides)).summary
-            up = summary["uplink_bytes"]
-            if method == "sgd":
-                sgd_bytes = up
-            rel = f"{up / sgd_bytes:.3f}" if sgd_bytes else "n/a"
-            acc = summary["final_accuracy"]
-            acc_s = "n/a" if acc is None else f"{acc:.4f}"
-            print(f"| {title} | {method} | {acc_s} | {up:,} | {rel} | {time.perf_counter() - start:.1f} |", flush=True)
+    bad_rows = set(args.rows.split(",")) - set(S.ROWS)
+    if bad_rows:
+        ap.error(f"unknown rows {sorted(bad_rows)} (known: {', '.join(S.ROWS)})")
+    rows = [S.ROWS[k] for k in args.rows.split(",")]
+    methods = tuple(m for m in S.METHODS if m in args.methods.split(","))
+    unknown = set(args.methods.split(",")) - set(S.METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)} (known: {', '.join(S.METHODS)})")
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    jobs = []
+    for row in rows:
+        for run in S.plan(row, methods):
+            rounds = S.rounds_of(row, run.method)
+            if run.method in S.GRADIENT_METHODS and args.rounds:
+                rounds = args.rounds
+            if run.method in S.LOCAL_METHODS and args.local_rounds:
+                rounds = args.local_rounds
+            jobs.append((row.key, run, rounds))
+    ordered: list[Result] = []
+    console = Console(stderr=True, width=100)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("runs", total=len(jobs))
+        for row_key, run, rounds in jobs:
+            progress.update(task, description=f"{S.ROWS[row_key].title}: {run.label} ({rounds} rounds)")
+            r = run_one(row_key, run, rounds)
+            ordered.append(r)
+            if r.measured is None:
+                progress.console.print(f"{r.row:6} {r.label:14} not run: {r.error}")
+            else:
+                progress.console.print(f"{r.row:6} {r.label:14} {r.rounds:4d} rounds  acc {r.accuracy:.4f}  "
+                                       f"up {r.uplink_bytes:>13,}  {r.measured.wall_s:6.1f} s")
+            progress.advance(task)
+    table = markdown(ordered)
+    command = " ".join([".venv/bin/python bench/compression_table.py", *map(shlex.quote, argv or sys.argv[1:])])
+    block = "\n".join([
+        f"Generated {_dt.date.today().isoformat()} by `{command.strip()}` "
+        f"({sum(r.measured.wall_s for r in ordered if r.measured) / 60:.1f} minutes of runs).",
+        "",
+        table,
+        "",
+        settings_notes(rows, methods),
+    ])
+    print(block)
+    if args.write_readme:
+        write_readme(block)
+        console.print(f"README.md updated between {START} and {END}")
 
 
 if __name__ == "__main__":
