@@ -78,7 +78,7 @@ def target_cells(result: Result, by_label: dict[str, Result]) -> str:
     target = S.TARGETS.get(result.label)
     if target is None:
         return ""
-    ref = by_label.get(S.reference_label(target))
+    ref = by_label.get(S.reference_label(target, S.ROWS[result.row]))
     if ref is None or ref.measured is None or result.measured is None:
         return "n/a"
     gap, ratio, ok = target.check(result.accuracy, ref.accuracy, result.uplink_bytes, ref.uplink_bytes)
@@ -100,7 +100,8 @@ def markdown(results: list[Result]) -> str:
                 lines.append(f"| {S.ROWS[row_key].title} | {r.label} | {r.rounds} | not run: {r.error} | | | | n/a |")
                 continue
             vs_sgd = (f"{(r.uplink_bytes / r.rounds) / (sgd.uplink_bytes / sgd.rounds):.4f}" if sgd else "")
-            ref = by_label.get(S.reference_label(S.TARGETS[r.label])) if r.label in ("fedlrt", "fedloru") else None
+            ref = (by_label.get(S.reference_label(S.TARGETS[r.label], S.ROWS[row_key]))
+                   if r.label in ("fedlrt", "fedloru") else None)
             ref = ref if ref and ref.measured else None
             vs_fedavg = (f"{r.uplink_bytes / ref.uplink_bytes:.4f} ({ref.uplink_bytes / r.uplink_bytes:.1f}x)"
                          if ref else "")
