@@ -13,6 +13,7 @@ message is rejected with a reason that is logged and counted.
 """
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ class _RecentIds:
         return True
 
 
-class Actor:
+class Actor(abc.ABC):
     """Something that receives messages by id on a node. Subclasses decide how mail is
     processed; both roles do it with callbacks and timers rather than one task per actor,
     so ten thousand idle client actors cost ten thousand small objects and nothing more."""
@@ -78,8 +79,9 @@ class Actor:
     def __init__(self, actor_id: int):
         self.actor_id = actor_id
 
+    @abc.abstractmethod
     def deliver(self, msg: Message) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must define deliver()")
+        """Take one message (called by the node, on the event loop)."""
 
 
 class Node:
