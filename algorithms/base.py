@@ -212,6 +212,13 @@ def check(ok: bool, key: str, value: Any, reason: str) -> None:
         raise ConfigError(key, value, reason)
 
 
+def check_int(key: str, value: Any, low: int, high: int | None = None, note: str = "") -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int (not a bool) in [low, high]."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    span = f"in {low}..{high}" if high is not None else f">= {low}"
+    check(ok, key, value, f"must be an integer {span}{note}")
+
+
 def state_digest(state: Mapping[str, Any]) -> bytes:
     """A byte digest of tensors (and scalars) in a mapping, independent of insertion order."""
     h = hashlib.sha256()

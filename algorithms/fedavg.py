@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Algorithm, Payload, ProtocolError, check, register
+from .base import Algorithm, Payload, ProtocolError, check, check_int, register
 from .common import check_like, dense_bits, local_sgd, weighted_mean
 
 
@@ -34,8 +34,8 @@ class FedAvg(Algorithm):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check(self.local_epochs >= 1, "local_epochs", self.local_epochs, "must be >= 1")
-            check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+            check_int("local_epochs", self.local_epochs, 1)
+            check_int("batch_size", self.batch_size, 1)
             check(self.server_lr > 0, "server_lr", self.server_lr, "must be > 0")
 
     async def server_round(self, comm) -> None:

@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from .base import Algorithm, Params, Payload, ProtocolError, check, register, state_digest
+from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
 from .lowrank import (LOSSES, check_rank_fits, expect_tensors, float_bits, linear_weights, local_steps,
                       mean_by, positive_samples, scaled_factor_grads)
 
@@ -136,13 +136,12 @@ class FedLoRU(Algorithm):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "must be an integer >= 1")
+            check_int("rank", self.rank, 1)
             check(isinstance(self.merge_every, int) and self.merge_every >= 1, "merge_every", self.merge_every,
                   "must be an integer >= 1 (rounds)")
             check(isinstance(self.local_steps, int) and self.local_steps >= 1, "local_steps", self.local_steps,
                   "must be an integer >= 1")
-            check(isinstance(self.batch_size, int) and self.batch_size >= 0, "batch_size", self.batch_size,
-                  "must be an integer >= 0 (0: full local data)")
+            check_int("batch_size", self.batch_size, 0, note=" (0: full local data)")
             check(self.loss in LOSSES, "loss", self.loss, f"must be one of {', '.join(LOSSES)}")
             check(isinstance(self.personal_rank, int) and self.personal_rank >= 0, "personal_rank",
                   self.personal_rank, "must be an integer >= 0 (0: off)")

@@ -67,7 +67,7 @@ from typing import Any
 
 import torch
 
-from .base import Algorithm, Params, Payload, ProtocolError, check, register, state_digest
+from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
 from .lowrank import (LOSSES, Factors, augment_basis, check_rank_fits, expect_tensors, float_bits,
                       linear_weights, local_steps, loss_and_grads, mean_by, pad_coefficients,
                       positive_samples, svd_factors, truncate)
@@ -127,14 +127,13 @@ class FeDLRT(Algorithm):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "must be an integer >= 1")
+            check_int("rank", self.rank, 1)
             check(0 < self.tolerance < 1, "tolerance", self.tolerance, "must be in (0, 1)")
             check(isinstance(self.local_steps, int) and self.local_steps >= 1, "local_steps", self.local_steps,
                   "must be an integer >= 1")
             check(self.variance_correction in VARIANCE_CORRECTIONS, "variance_correction", self.variance_correction,
                   f"must be one of {', '.join(VARIANCE_CORRECTIONS)}")
-            check(isinstance(self.batch_size, int) and self.batch_size >= 0, "batch_size", self.batch_size,
-                  "must be an integer >= 0 (0: full local data)")
+            check_int("batch_size", self.batch_size, 0, note=" (0: full local data)")
             check(isinstance(self.max_rank, int) and (self.max_rank == 0 or self.max_rank >= self.rank),
                   "max_rank", self.max_rank, f"must be 0 (no cap) or >= rank ({self.rank})")
             check(self.loss in LOSSES, "loss", self.loss, f"must be one of {', '.join(LOSSES)}")

@@ -65,7 +65,7 @@ import torch
 
 from . import bitpack
 from . import quantizers as qz
-from .base import Algorithm, Params, Payload, ProtocolError, check, register, state_digest
+from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
 from .common import check_finite, check_like, dense_bits, loss_and_grad, sample_batch
 
 FORGET_AFTER = 30
@@ -117,10 +117,8 @@ class DifferentialQuantized(Algorithm):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check(isinstance(self.bits, int) and not isinstance(self.bits, bool) and 1 <= self.bits <= 16,
-                  "bits", self.bits, "must be an integer in 1..16")
-            check(isinstance(self.batch_size, int) and self.batch_size >= 0, "batch_size", self.batch_size,
-                  "must be an integer >= 0 (0 = full local batch)")
+            check_int("bits", self.bits, 1, bitpack.MAX_BITS)
+            check_int("batch_size", self.batch_size, 0, note=" (0 = full local batch)")
 
     def __init__(self, config, model):
         super().__init__(config, model)

@@ -24,7 +24,7 @@ import torch
 
 from . import bitpack
 from . import quantizers as qz
-from .base import check, register
+from .base import check, check_int, register
 from .powersgd import PowerSGD
 
 SCALES = "scales"
@@ -43,8 +43,7 @@ class LQSGD(PowerSGD):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check(isinstance(self.bits, int) and not isinstance(self.bits, bool) and 1 <= self.bits <= 16,
-                  "bits", self.bits, "must be an integer in 1..16")
+            check_int("bits", self.bits, 1, bitpack.MAX_BITS)
             check(isinstance(self.log_alpha, (int, float)) and math.isfinite(self.log_alpha) and self.log_alpha > 0,
                   "log_alpha", self.log_alpha, "must be a finite number > 0")
 

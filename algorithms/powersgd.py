@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .base import Algorithm, Params, Payload, ProtocolError, check, register, state_digest
+from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
 from .common import check_like, dense_bits
 from .laq import accumulator_tag, all_finite, gradient
 
@@ -85,10 +85,8 @@ class PowerSGD(Algorithm):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check(isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
-                  "rank", self.rank, "must be an integer >= 1")
-            check(isinstance(self.batch_size, int) and self.batch_size >= 0, "batch_size", self.batch_size,
-                  "must be an integer >= 0 (0 = full local batch)")
+            check_int("rank", self.rank, 1)
+            check_int("batch_size", self.batch_size, 0, note=" (0 = full local batch)")
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -137,6 +135,24 @@ class PowerSGD(Algorithm):
     def _round_tag(self) -> str:
         return accumulator_tag({**{f"w:{k}": v for k, v in self.params.items()}, **{f"Q:{k}": v for k, v in self.Q.items()}})
 
+    def _accepted(self, comm, replies, tag_key: str, tag: str, shapes, abstain_counter: str
+                  ) -> dict[int, dict[str, torch.Tensor]]:
+        """The replies of one phase computed against ``tag`` (the state this phase sent),
+        decoded; abstentions, stale tags and undecodable replies are counted and left out."""
+        accepted: dict[int, dict[str, torch.Tensor]] = {}
+        for c, reply in replies.items():
+            if "abstain" in reply.payload.meta:
+                comm.count(abstain_counter)
+            elif reply.payload.meta[tag_key] != tag:
+                comm.count("stale_rejected")
+            else:
+                try:
+                    accepted[c] = self.decode(reply.payload.tensors, shapes)
+                except ProtocolError as exc:
+                    comm.count("rejected")
+                    comm.log("rejected", client=c, reason=str(exc))
+        return accepted
+
     async def server_round(self, comm) -> None:
         r = comm.round
         tag = self._round_tag()
@@ -149,18 +165,7 @@ class PowerSGD(Algorithm):
 
         await comm.broadcast("p", request, version=r)
         first = await comm.gather("p", version=r)
-        heard: dict[int, dict[str, torch.Tensor]] = {}
-        for c, reply in first.items():
-            if "abstain" in reply.payload.meta:
-                comm.count("client_nonfinite")
-            elif reply.payload.meta["tag"] != tag:
-                comm.count("stale_rejected")
-            else:
-                try:
-                    heard[c] = self.decode(reply.payload.tensors, self._p_shapes())
-                except ProtocolError as exc:
-                    comm.count("rejected")
-                    comm.log("rejected", client=c, reason=str(exc))
+        heard = self._accepted(comm, first, "tag", tag, self._p_shapes(), "client_nonfinite")
         if not heard:
             return
         p_hat = {}
@@ -171,20 +176,8 @@ class PowerSGD(Algorithm):
                                           payload_bits=32 * sum(v.numel() for v in p_hat.values())),
                              version=r, to=sorted(heard))
         second = await comm.gather("q", version=r, clients=sorted(heard))
-        done: dict[int, dict[str, torch.Tensor]] = {}
-        for c, reply in second.items():
-            if c not in heard:
-                continue
-            if "abstain" in reply.payload.meta:
-                comm.count("client_abstained")
-            elif reply.payload.meta["p_tag"] != p_tag:
-                comm.count("stale_rejected")
-            else:
-                try:
-                    done[c] = self.decode(reply.payload.tensors, self._q_shapes())
-                except ProtocolError as exc:
-                    comm.count("rejected")
-                    comm.log("rejected", client=c, reason=str(exc))
+        done = self._accepted(comm, {c: r for c, r in second.items() if c in heard}, "p_tag", p_tag,
+                              self._q_shapes(), "client_abstained")
         if not done:
             return
         clients = sorted(done)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Algorithm, Payload, check, register
+from .base import Algorithm, Payload, check, check_int, register
 from .common import check_like, dense_bits, loss_and_grad, sample_batch, weighted_mean
 
 
@@ -26,7 +26,7 @@ class SGD(Algorithm):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+            check_int("batch_size", self.batch_size, 1)
 
     async def server_round(self, comm) -> None:
         version = comm.round
