@@ -1,6 +1,7 @@
 """Pure helpers shared by methods: losses, gradients, local SGD, parameter arithmetic."""
 from __future__ import annotations
 
+import weakref
 from typing import Iterator
 
 import numpy as np
@@ -11,6 +12,18 @@ from torch import nn
 from .base import Params, Payload, ProtocolError
 
 
+_PARAMETERS: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, nn.Parameter]]] = weakref.WeakKeyDictionary()
+
+
+def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    # Walking the module tree costs ~10 us per call on a small MLP; the tree of a model
+    # template never changes after it is built, so walk it once.
+    named = _PARAMETERS.get(model)
+    if named is None:
+        named = _PARAMETERS[model] = list(model.named_parameters())
+    return named
+
+
 def bind_params(model: nn.Module, params: Params) -> list[nn.Parameter]:
     """Point the shared model's parameters at ``params`` (no copy) and return them in order.
 
@@ -19,7 +32,7 @@ def bind_params(model: nn.Module, params: Params) -> list[nn.Parameter]:
     process, and a handler runs to completion before the next one binds its own tensors.
     """
     bound = []
-    for name, p in model.named_parameters():
+    for name, p in _named_parameters(model):
         p.data = params[name].detach()
         bound.append(p)
     return bound
@@ -48,16 +61,16 @@ def sample_batch(n: int, batch_size: int, generator: torch.Generator) -> torch.T
 def local_sgd(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, *, lr: float,
               epochs: int, batch_size: int, generator: torch.Generator) -> tuple[Params, int]:
     """Plain minibatch SGD from ``params``; returns new params and samples processed."""
-    current = {k: v.detach().clone() for k, v in params.items()}
+    current = {k: v.clone() for k, v in params.items()}
     bound = bind_params(model, current)  # steps below update `current` in place through `bound`
     seen = 0
     for _ in range(epochs):
-        for idx in minibatches(len(x), batch_size, generator):
+        for idx in minibatches(x.shape[0], batch_size, generator):  # shape[0]: Tensor.__len__ is Python
             grads = torch.autograd.grad(F.cross_entropy(model(x[idx]), y[idx]), bound)
             with torch.no_grad():
                 for p, g in zip(bound, grads):
                     p.sub_(g, alpha=lr)
-            seen += len(idx)
+            seen += idx.shape[0]
     return current, seen
 
 
@@ -70,26 +83,46 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
     return out
 
 
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no entry of ``t`` is NaN or Inf (integer tensors always are)."""
+    if not t.is_floating_point():
+        return True
+    if t.dtype in _NUMPY_FLOATS and t.is_cpu and not t.requires_grad:
+        # numpy's isfinite costs a quarter of torch's dispatch on the small tensors of FL
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
+def params_finite(params: Params) -> bool:
+    return all(all_finite(t) for t in params.values())
+
+
 def check_finite(payload: Payload, who: str) -> None:
     """Refuse a payload carrying NaN or Inf in a floating tensor."""
     for name, t in payload.tensors.items():
-        if not t.is_floating_point():
-            continue
-        # numpy's isfinite costs a quarter of torch's dispatch on the small tensors of FL
-        ok = np.isfinite(t.detach().numpy()).all() if t.dtype != torch.bfloat16 else bool(torch.isfinite(t).all())
-        if not ok:
+        if not all_finite(t):
             raise ProtocolError(f"{who}: tensor {name!r} holds NaN or Inf")
 
 
-def check_like(payload: Payload, reference: Params, who: str) -> None:
-    """Refuse a payload whose tensors do not match ``reference`` by name, shape and dtype."""
-    if set(payload.tensors) != set(reference):
+def check_like(payload: Payload, reference: Params, who: str, *, finite: bool = True) -> None:
+    """Refuse a payload whose tensors do not match ``reference`` by name, shape and dtype,
+    or (``finite``) that holds NaN or Inf.
+
+    A server checks everything a client sends. A client checking the server's model passes
+    ``finite=False``: names, shapes and dtypes are what its own code needs, while a model
+    that went NaN would only make the client send NaN back, which the server refuses.
+    """
+    if payload.tensors.keys() != reference.keys():
         raise ProtocolError(f"{who}: tensors {sorted(payload.tensors)} do not match the model's {sorted(reference)}")
     for name, ref in reference.items():
         t = payload.tensors[name]
         if t.shape != ref.shape or t.dtype != ref.dtype:
             raise ProtocolError(f"{who}: tensor {name!r} is {t.dtype}{tuple(t.shape)}, expected {ref.dtype}{tuple(ref.shape)}")
-    check_finite(payload, who)
+    if finite:
+        check_finite(payload, who)
 
 
 def dense_bits(params: Params) -> int:

@@ -53,13 +53,13 @@ class FedAvg(Algorithm):
         return {"model": self.on_model}
 
     def on_model(self, ctx, payload: Payload) -> Payload:
-        check_like(payload, self.params, "fedavg model")
+        check_like(payload, self.params, "fedavg model", finite=False)
         cfg = self.config
         trained, seen = local_sgd(ctx.model, payload.tensors, ctx.x, ctx.y, lr=cfg.lr, epochs=cfg.local_epochs,
                                   batch_size=cfg.batch_size, generator=ctx.generator)
         ctx.charge(seen)
-        delta = {k: trained[k] - payload.tensors[k] for k in trained}
-        return Payload(tensors=delta, meta={"samples": len(ctx.x)}, payload_bits=dense_bits(delta))
+        delta = {k: trained[k].sub_(payload.tensors[k]) for k in trained}  # trained is ours: reuse it
+        return Payload(tensors=delta, meta={"samples": ctx.x.shape[0]}, payload_bits=dense_bits(delta))
 
     def check_reply(self, kind: str, payload: Payload) -> None:
         check_like(payload, self.params, "fedavg delta")

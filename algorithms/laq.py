@@ -66,7 +66,7 @@ import torch
 from . import bitpack
 from . import quantizers as qz
 from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
-from .common import check_finite, check_like, dense_bits, loss_and_grad, sample_batch
+from .common import check_finite, check_like, dense_bits, loss_and_grad, params_finite, sample_batch
 
 FORGET_AFTER = 30
 """Rounds without an accepted upload after which the server drops a client's mirror."""
@@ -94,10 +94,6 @@ def gradient(model, params: Params, x: torch.Tensor, y: torch.Tensor, batch_size
         x, y = x[idx], y[idx]
     loss, grads = loss_and_grad(model, params, x, y)
     return loss, grads, len(x)
-
-
-def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values())
 
 
 class DifferentialQuantized(Algorithm):
@@ -263,7 +259,7 @@ class DifferentialQuantized(Algorithm):
         return {"grad": self.on_grad}
 
     def on_grad(self, ctx, payload: Payload) -> Payload | None:
-        check_like(payload, self.params, f"{self.name} model")
+        check_like(payload, self.params, f"{self.name} model", finite=False)
         ack = payload.meta.get("ack")
         state = ctx.state
         if payload.version is not None:
@@ -273,7 +269,7 @@ class DifferentialQuantized(Algorithm):
         _synchronise(state, ack)
         _, grads, seen = gradient(ctx.model, payload.tensors, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
         ctx.charge(seen)
-        if not all_finite(grads):
+        if not params_finite(grads):
             # Never quantize (or mirror) a poisoned gradient: the server keeps our last Q.
             return Payload(meta={"skip": "nonfinite", "base": ack})
         reset = "Q" not in state

@@ -24,6 +24,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .base import ConfigError, Params, Payload, ProtocolError
+from .common import all_finite
 
 FLOAT_BITS = 32
 """Bits of one float32 value on the wire."""
@@ -232,7 +233,7 @@ def expect_tensors(payload: Payload, shapes: Mapping[str, tuple[int, ...]], who:
         t = payload.tensors[name]
         if tuple(t.shape) != tuple(shape) or t.dtype != torch.float32:
             raise ProtocolError(f"{who}: tensor {name!r} is {t.dtype}{tuple(t.shape)}, expected float32{tuple(shape)}")
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise ProtocolError(f"{who}: tensor {name!r} holds NaN or Inf")
 
 

@@ -40,8 +40,8 @@ from typing import Any
 import torch
 
 from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
-from .common import check_like, dense_bits
-from .laq import accumulator_tag, all_finite, gradient
+from .common import all_finite, check_like, dense_bits, params_finite
+from .laq import accumulator_tag, gradient
 
 Q_SEED = 0x5EED
 
@@ -216,7 +216,7 @@ class PowerSGD(Algorithm):
             t = payload.tensors[name]
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ProtocolError(f"{who}: {name!r} is {t.dtype}{tuple(t.shape)}, expected {dtype}{tuple(shape)}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise ProtocolError(f"{who}: {name!r} holds NaN or Inf")
             if name.startswith("scale") and bool((t < 0).any()):
                 raise ProtocolError(f"{who}: negative scale")
@@ -230,18 +230,18 @@ class PowerSGD(Algorithm):
         if not _fresh(ctx.state, payload.version):
             return None
         model = {k: payload.tensors[k] for k in self.params if k in payload.tensors}
-        check_like(Payload(tensors=model), self.params, f"{self.name} model")
+        check_like(Payload(tensors=model), self.params, f"{self.name} model", finite=False)
         q = {k: payload.tensors.get(f"Q:{k}") for k in self.compressed}
         for k, t in q.items():
             plan = self.plans[k]
-            if t is None or tuple(t.shape) != (plan.m, plan.rank) or not bool(torch.isfinite(t).all()):
+            if t is None or tuple(t.shape) != (plan.m, plan.rank) or not all_finite(t):
                 raise ProtocolError(f"{self.name} request: bad warm start for {k!r}")
         state = ctx.state
         self._settle_error(state, payload.meta.get("included"))
         state["Q"] = q
         _, grads, seen = gradient(ctx.model, model, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
         ctx.charge(seen)
-        if not all_finite(grads):
+        if not params_finite(grads):
             state.pop("M", None)
             return Payload(meta={"abstain": "nonfinite"})
         error = state.get("e", {})
@@ -265,7 +265,7 @@ class PowerSGD(Algorithm):
         for k in self.compressed:
             t = payload.tensors.get(f"P:{k}")
             plan = self.plans[k]
-            if t is None or tuple(t.shape) != (plan.n, plan.rank) or not bool(torch.isfinite(t).all()):
+            if t is None or tuple(t.shape) != (plan.n, plan.rank) or not all_finite(t):
                 raise ProtocolError(f"{self.name} request: bad P for {k!r}")
             p_hat[k] = t
         mats = pending["mats"]

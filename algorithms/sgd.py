@@ -42,7 +42,7 @@ class SGD(Algorithm):
         return {"model": self.on_model}
 
     def on_model(self, ctx, payload: Payload) -> Payload:
-        check_like(payload, self.params, "sgd model")
+        check_like(payload, self.params, "sgd model", finite=False)
         idx = sample_batch(len(ctx.x), self.config.batch_size, ctx.generator)
         _, grads = loss_and_grad(ctx.model, payload.tensors, ctx.x[idx], ctx.y[idx])
         ctx.charge(len(idx))

@@ -104,6 +104,7 @@ class Node:
         self._next_id = 0
         self._seen: dict[int, _RecentIds] = collections.defaultdict(_RecentIds)
         self._corrupt_rng = np.random.default_rng([seed, 0xC0])
+        self._decode_cache = codec.DecodeCache()
 
     # --- sending -----------------------------------------------------------------
     def _stamp(self, msg: Message) -> Message:
@@ -190,7 +191,7 @@ class Node:
 
     def _deliver(self, peer: bytes, frames: list, head: dict | None, nbytes: int | None = None) -> None:
         try:
-            msg = codec.decode(frames, self.limits, head, nbytes)
+            msg = codec.decode(frames, self.limits, head, nbytes, self._decode_cache)
         except CodecError as exc:
             return self._reject(peer, exc.reason, str(exc))
         if msg.dst == NODE and msg.kind == DONE and self.emulator is None:

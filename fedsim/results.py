@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+_JSON_LINE = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+"""One encoder for every line: ``json.dumps`` with options builds a new one per call."""
+
+
 class EventLog:
     """Append-only log of (simulated time, event, fields). Cheap to append: rows are
     serialised once, when hashed or written."""
@@ -26,13 +30,12 @@ class EventLog:
 
     def lines(self):
         for t, event, fields in self.rows:
-            yield json.dumps({"t": round(t, 9), "event": event, **fields}, separators=(",", ":"), sort_keys=True)
+            yield _JSON_LINE({"t": round(t, 9), "event": event, **fields})
 
     def sha256(self) -> str:
         h = hashlib.sha256()
         for line in self.lines():
-            h.update(line.encode())
-            h.update(b"\n")
+            h.update(line.encode() + b"\n")
         return h.hexdigest()
 
     def write(self, path: Path) -> None:

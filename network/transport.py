@@ -22,6 +22,13 @@ import zmq
 
 Frames = Sequence["bytes | memoryview | zmq.Frame"]
 
+# Plain ints: or-ing pyzmq's enum flags per frame costs more than the send itself.
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+
 
 @dataclass(frozen=True)
 class CurveKeys:
@@ -114,8 +121,13 @@ class Transport:
         self._schedule_drain()
 
     def _try_send(self, parts: list) -> bool:
+        # ZeroMQ accepts or refuses a multipart message at its first frame, so EAGAIN can only
+        # come before anything was queued. Frames under pyzmq's copy_threshold are copied.
+        send = self.socket.send
         try:
-            self.socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            for part in parts[:-1]:
+                send(part, _MORE_NOBLOCK, copy=False)
+            send(parts[-1], _NOBLOCK, copy=False)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
@@ -134,7 +146,7 @@ class Transport:
 
     def _schedule_drain(self) -> None:
         # zmq.FD is edge-triggered and a send may consume the edge: look at EVENTS instead.
-        if self.loop is not None and not self._drain_scheduled and self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self.loop is not None and not self._drain_scheduled and self.socket.get(_EVENTS) & _POLLIN:
             self._drain_scheduled = True
             self.loop.call_soon(self.drain)
 
@@ -143,20 +155,25 @@ class Transport:
         self._drain_scheduled = False
         n = 0
         sock = self.socket
+        recv, more = sock.recv, sock.get
         on_message = self.on_message
         assert on_message is not None
         while not sock.closed:
+            # Frames are copied out as bytes: one memcpy costs less than a zmq.Frame object
+            # per part for the KB-sized frames of FL, and a tenth of the CRC pass that follows
+            # for MB-sized ones (4 MiB: 0.15 ms copy, 1.1 ms CRC-32).
             try:
-                parts = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+                parts = [recv(_NOBLOCK)]
             except zmq.Again:
                 break
+            while more(_RCVMORE):
+                parts.append(recv(_NOBLOCK))
             n += 1
             self.received += 1
-            # memoryview(frame), not frame.buffer: the property costs ~50 us a message
             if self.router:
-                on_message(parts[0].bytes, [memoryview(f) for f in parts[1:]])
+                on_message(parts[0], parts[1:])
             else:
-                on_message(b"", [memoryview(f) for f in parts])
+                on_message(b"", parts)
         if self._backlog:
             self._flush()
         return n

@@ -45,6 +45,27 @@ def test_broadcast_shares_tensor_frames_between_envelopes():
     assert codec.decode(a).dst == 0 and codec.decode(b).dst == 5
 
 
+def test_decode_cache_serves_a_broadcast_and_still_catches_every_flipped_bit():
+    p = Payload({"w": torch.randn(3, 4), "b": torch.randn(4)})
+    shared = codec.encode_tensors(p)
+    copies = [[bytes(f) for f in codec.encode(Message(-1, c, 1, "model", 1, p), shared)] for c in range(4)]
+    cache = codec.DecodeCache()
+    first = codec.decode(copies[0], cache=cache)
+    second = codec.decode(copies[1], cache=cache)
+    assert second.dst == 1 and second.payload.tensors["w"] is first.payload.tensors["w"]  # decoded once
+    assert second.payload.tensors is not first.payload.tensors  # each message owns its dict
+    assert torch.equal(second.payload.tensors["b"], p.tensors["b"])
+    rng = np.random.default_rng(1)
+    for _ in range(200):  # a flipped bit anywhere (envelope or tensor) fails, cached or not
+        bad = codec.corrupt(copies[2], rng)
+        with pytest.raises(CodecError, match="checksum|bad_msgpack|bad_envelope|bad_tensor|bad_dtype|bad_shape|shape_mismatch|oversized|bad_version"):
+            codec.decode(bad, cache=cache)
+    assert torch.equal(codec.decode(copies[3], cache=cache).payload.tensors["w"], p.tensors["w"])
+    other = Payload({"w": torch.zeros(3, 4), "b": torch.zeros(4)})  # same specs, new bytes: a miss
+    assert torch.equal(codec.decode(codec.encode(Message(-1, 0, 2, "model", 2, other)), cache=cache).payload.tensors["w"],
+                       torch.zeros(3, 4))
+
+
 def test_random_bytes_rejected():
     rng = np.random.default_rng(0)
     for n in [0, 1, 3, 4, 5, 17, 300]:
