@@ -93,7 +93,8 @@ def zmtp_overhead(frame_len: int) -> int:
 
 def wire_size(frames: Sequence[bytes | memoryview]) -> int:
     """Bytes a message occupies on a ZMTP stream (frames + per-frame framing)."""
-    return sum(len(f) + zmtp_overhead(len(f)) for f in frames)
+    lengths = list(map(len, frames))
+    return sum(lengths) + sum(map(zmtp_overhead, lengths))
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -229,21 +230,29 @@ class DecodeCache:
     """
 
     def __init__(self) -> None:
+        self.declared: list | None = None
+        """The envelope's ``tn`` entry, as received."""
         self.specs: list | None = None
+        """The same, validated (see ``_tensor_specs``)."""
         self.frames: list = []
         self.crc = 0
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def lookup(self, specs: list, frames: Sequence[bytes | memoryview]) -> tuple[int, dict[str, torch.Tensor]] | None:
-        if specs != self.specs or len(frames) != len(self.frames):
+    def specs_of(self, declared: list) -> list | None:
+        """The validated specs of ``declared`` when it equals the last stored declaration."""
+        return self.specs if declared == self.declared else None
+
+    def lookup(self, declared: list, frames: Sequence[bytes | memoryview]) -> tuple[int, dict[str, torch.Tensor]] | None:
+        if declared != self.declared or len(frames) != len(self.frames):
             return None
         for frame, known in zip(frames, self.frames):
             if frame != known:
                 return None
         return self.crc, self.tensors
 
-    def store(self, specs: list, frames: Sequence[bytes | memoryview], crc: int, tensors: dict[str, torch.Tensor]) -> None:
-        self.specs, self.frames, self.crc, self.tensors = specs, list(frames), crc, tensors
+    def store(self, declared: list, specs: list, frames: Sequence[bytes | memoryview], crc: int,
+              tensors: dict[str, torch.Tensor]) -> None:
+        self.declared, self.specs, self.frames, self.crc, self.tensors = declared, specs, list(frames), crc, tensors
 
 
 def _make_tensors(specs: list[tuple[str, str, tuple[int, ...], int]],
@@ -268,7 +277,9 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head
         raise CodecError("empty", "no frames")
     if head is None:
         head = peek_route(frames[0], limits)
-    specs = _tensor_specs(head, limits)
+    specs = cache.specs_of(head["tn"]) if cache is not None else None
+    if specs is None:
+        specs = _tensor_specs(head, limits)
     tensor_frames = frames[1:]
     if len(tensor_frames) != len(specs):
         raise CodecError("frame_count", f"{len(tensor_frames)} tensor frames for {len(specs)} declared tensors")
@@ -287,7 +298,7 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head
     if known is None:
         tensors = _make_tensors(specs, tensor_frames)
         if cache is not None:
-            cache.store(head["tn"], tensor_frames, tensors_crc, tensors)
+            cache.store(head["tn"], specs, tensor_frames, tensors_crc, tensors)
     else:
         tensors = known[1]
     payload = Payload(tensors=dict(tensors), meta=head["meta"], payload_bits=head["bits"], version=head["ver"])
