@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .base import Algorithm, Payload, ProtocolError, check, check_int, register
 from .common import check_like, dense_bits, local_sgd, weighted_mean
 
@@ -58,7 +60,8 @@ class FedAvg(Algorithm):
         trained, seen = local_sgd(ctx.model, payload.tensors, ctx.x, ctx.y, lr=cfg.lr, epochs=cfg.local_epochs,
                                   batch_size=cfg.batch_size, generator=ctx.generator)
         ctx.charge(seen)
-        delta = {k: trained[k].sub_(payload.tensors[k]) for k in trained}  # trained is ours: reuse it
+        torch._foreach_sub_(list(trained.values()), [payload.tensors[k] for k in trained])  # in place: trained is ours
+        delta = trained
         return Payload(tensors=delta, meta={"samples": ctx.x.shape[0]}, payload_bits=dense_bits(delta))
 
     def check_reply(self, kind: str, payload: Payload) -> None:

@@ -60,6 +60,7 @@ class ClientRole(Actor):
         self.seed, self.work_per_sample, self.compute_time = seed, work_per_sample, compute_time
         self.real_time, self.stats, self.log = real_time, stats, log
         self.handlers = algorithm.client_handlers()
+        self._seed_prefix_crc = zlib.crc32(f"{seed}/{client_id}/".encode())
         self.crashed = False
         self.busy = False
         self.free_since = 0.0
@@ -96,7 +97,8 @@ class ClientRole(Actor):
 
     def _generator(self, msg: Message) -> torch.Generator:
         # One stream per (run seed, client, round, kind): phases of a round draw independently.
-        key = zlib.crc32(f"{self.seed}/{self.actor_id}/{msg.round}/{msg.kind}".encode())
+        # crc32(b, crc32(a)) == crc32(a + b): the client's prefix is hashed once.
+        key = zlib.crc32(f"{msg.round}/{msg.kind}".encode(), self._seed_prefix_crc)
         return torch.Generator().manual_seed(key)
 
     def _next(self) -> None:

@@ -15,13 +15,14 @@ Never pickle.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import msgpack
 import numpy as np
@@ -68,6 +69,13 @@ class Limits:
     max_header_bytes: int = 1024 * 1024
     max_tensors: int = 4096
     max_ndim: int = 8
+
+    @functools.cached_property
+    def unpack(self) -> Callable[[bytes | memoryview], Any]:
+        """``msgpack.unpackb`` bounded by these limits (built once per Limits)."""
+        return functools.partial(msgpack.unpackb, raw=False, strict_map_key=True, max_str_len=self.max_header_bytes,
+                                 max_bin_len=self.max_header_bytes, max_array_len=self.max_tensors * 4 + 64,
+                                 max_map_len=4096, max_ext_len=0)
 
 
 @dataclass
@@ -124,11 +132,13 @@ def encode_tensors(payload: Payload) -> EncodedTensors:
     specs, frames = [], []
     crc = 0
     for name, t in payload.tensors.items():
-        if t.dtype not in _NAMES:
+        dtype_name = _NAMES.get(t.dtype)
+        if dtype_name is None:
             raise CodecError("dtype", f"tensor {name!r} has unsupported dtype {t.dtype}")
-        specs.append([name, _NAMES[t.dtype], list(t.shape)])
-        frames.append(_tensor_bytes(t))
-        crc = zlib.crc32(frames[-1], crc)
+        specs.append([name, dtype_name, list(t.shape)])
+        frame = _tensor_bytes(t)
+        frames.append(frame)
+        crc = zlib.crc32(frame, crc)
     return EncodedTensors(specs, frames, crc)
 
 
@@ -149,17 +159,6 @@ def encode(msg: Message, tensors: EncodedTensors | None = None) -> list[bytes]:
     return [_CRC.pack(zlib.crc32(envelope, tensors.crc)) + envelope, *tensors.frames]
 
 
-_UNPACK_LIMITS: dict[int, dict[str, int]] = {}
-
-
-def _unpack_limits(limits: Limits) -> dict[str, int]:
-    key = id(limits)
-    if key not in _UNPACK_LIMITS:
-        _UNPACK_LIMITS[key] = dict(max_str_len=limits.max_header_bytes, max_bin_len=limits.max_header_bytes,
-                                   max_array_len=limits.max_tensors * 4 + 64, max_map_len=4096, max_ext_len=0)
-    return _UNPACK_LIMITS[key]
-
-
 _ENVELOPE_KEYS = tuple(k for k, _ in _EXACT)
 _ENVELOPE_TYPES = tuple(t for _, t in _EXACT)
 _envelope_fields = operator.itemgetter(*_ENVELOPE_KEYS)
@@ -172,8 +171,7 @@ def peek_route(frame0: bytes | memoryview, limits: Limits = Limits()) -> dict[st
     if len(frame0) > limits.max_header_bytes:
         raise CodecError("oversized_header", f"{len(frame0)} bytes > limit {limits.max_header_bytes}")
     try:
-        head = msgpack.unpackb(memoryview(frame0)[_CRC.size:], raw=False, strict_map_key=True,
-                               **_unpack_limits(limits))
+        head = limits.unpack(memoryview(frame0)[_CRC.size:])
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise CodecError("bad_msgpack", f"{type(exc).__name__}: {exc}") from None
     if type(head) is not dict:

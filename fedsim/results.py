@@ -13,8 +13,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-_JSON_LINE = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
-"""One encoder for every line: ``json.dumps`` with options builds a new one per call."""
+def _line_encoder() -> Callable[[dict], str]:
+    """Compact, key-sorted JSON for one event. ``json.dumps`` builds an encoder per call
+    (~2 us of a ~4.6 us row); CPython's C encoder is built once here instead."""
+    plain = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator (another Python): the plain encoder
+        return plain.encode
+    # rows hold flat scalars and short lists, so the circular-reference markers are not needed
+    fast = make(None, plain.default, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True)
+    return lambda row: "".join(fast(row, 0))
+
+
+_JSON_LINE = _line_encoder()
 
 
 class EventLog:

@@ -19,13 +19,16 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import zmq
+import zmq.backend
 
 Frames = Sequence["bytes | memoryview | zmq.Frame"]
 
+# pyzmq's Python-level Socket.send only adds routing_id/group handling (unused here) over
+# the compiled one; calling the compiled one directly saves ~0.4 us per frame.
+_send_frame = zmq.backend.Socket.send
 # Plain ints: or-ing pyzmq's enum flags per frame costs more than the send itself.
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
-_RCVMORE = int(zmq.RCVMORE)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 
@@ -123,11 +126,11 @@ class Transport:
     def _try_send(self, parts: list) -> bool:
         # ZeroMQ accepts or refuses a multipart message at its first frame, so EAGAIN can only
         # come before anything was queued. Frames under pyzmq's copy_threshold are copied.
-        send = self.socket.send
+        sock = self.socket
         try:
             for part in parts[:-1]:
-                send(part, _MORE_NOBLOCK, copy=False)
-            send(parts[-1], _NOBLOCK, copy=False)
+                _send_frame(sock, part, _MORE_NOBLOCK, copy=False)
+            _send_frame(sock, parts[-1], _NOBLOCK, copy=False)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
@@ -145,29 +148,37 @@ class Transport:
         self._schedule_drain()
 
     def _schedule_drain(self) -> None:
-        # zmq.FD is edge-triggered and a send may consume the edge: look at EVENTS instead.
-        if self.loop is not None and not self._drain_scheduled and self.socket.get(_EVENTS) & _POLLIN:
+        # zmq.FD is edge-triggered and a send may consume the edge, so after sending look at
+        # EVENTS; once per burst of sends (a broadcast), not once per send.
+        if self.loop is not None and not self._drain_scheduled:
             self._drain_scheduled = True
-            self.loop.call_soon(self.drain)
+            self.loop.call_soon(self._drain_if_readable)
+
+    def _drain_if_readable(self) -> None:
+        self._drain_scheduled = False
+        if not self.socket.closed and self.socket.get(_EVENTS) & _POLLIN:
+            self.drain()
 
     def drain(self) -> int:
         """Receive every message that is ready; returns how many."""
         self._drain_scheduled = False
         n = 0
         sock = self.socket
-        recv, more = sock.recv, sock.get
+        recv = sock.recv
         on_message = self.on_message
         assert on_message is not None
         while not sock.closed:
-            # Frames are copied out as bytes: one memcpy costs less than a zmq.Frame object
-            # per part for the KB-sized frames of FL, and a tenth of the CRC pass that follows
-            # for MB-sized ones (4 MiB: 0.15 ms copy, 1.1 ms CRC-32).
+            # Each frame's bytes are copied out: a memcpy is a tenth of the CRC pass that
+            # follows even for MB-sized frames (4 MiB: 0.15 ms copy, 1.1 ms CRC-32), and a
+            # Frame's own ``more`` flag is cheaper than asking the socket for RCVMORE.
             try:
-                parts = [recv(_NOBLOCK)]
+                frame = recv(_NOBLOCK, copy=False)
             except zmq.Again:
                 break
-            while more(_RCVMORE):
-                parts.append(recv(_NOBLOCK))
+            parts = [frame.bytes]
+            while frame.more:
+                frame = recv(_NOBLOCK, copy=False)
+                parts.append(frame.bytes)
             n += 1
             self.received += 1
             if self.router:
