@@ -50,6 +50,9 @@ def loss_and_grad(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Te
 def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """Indices of one shuffled epoch over ``n`` samples, ``batch_size`` at a time."""
     order = torch.randperm(n, generator=generator)
+    if 0 < n <= batch_size:  # one batch: the permutation itself, without a slice view
+        yield order
+        return
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
 
@@ -67,7 +70,8 @@ def local_sgd(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor
     seen = 0
     for _ in range(epochs):
         for idx in minibatches(x.shape[0], batch_size, generator):  # shape[0]: Tensor.__len__ is Python
-            grads = torch.autograd.grad(F.cross_entropy(model(x[idx]), y[idx]), bound)
+            # index_select: the same rows as x[idx], without the generic indexing machinery
+            grads = torch.autograd.grad(F.cross_entropy(model(x.index_select(0, idx)), y.index_select(0, idx)), bound)
             with torch.no_grad():
                 # p -= lr * g for every tensor in one dispatch (what torch.optim.SGD's foreach path does)
                 torch._foreach_add_(bound, grads, alpha=-lr)

@@ -106,6 +106,12 @@ def wire_size(frames: Sequence[bytes | memoryview]) -> int:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
+    # One copy, made now: the sender may change its tensors after send() returns, while the
+    # network model still holds the message. ``tobytes`` writes C order whatever the strides.
+    try:
+        return t.numpy().tobytes()
+    except (RuntimeError, TypeError):  # needs grad, not on the CPU, or a dtype numpy lacks
+        pass
     if t.requires_grad:
         t = t.detach()
     if not t.is_cpu:
@@ -114,8 +120,6 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
         t = t.contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
-    # One copy, made now: the sender may change its tensors after send() returns, while the
-    # network model still holds the message.
     return t.numpy().tobytes()
 
 
