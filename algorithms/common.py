@@ -107,6 +107,7 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def params_finite(params: Params) -> bool:
+    """True when every tensor of ``params`` is free of NaN and Inf."""
     with np.errstate(over="ignore"):
         return all(_finite(t) for t in params.values())
 

@@ -116,8 +116,6 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
         t = t.detach()
     if not t.is_cpu:
         t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.numpy().tobytes()
@@ -244,8 +242,10 @@ class DecodeCache:
         """The validated specs of ``declared`` when it equals the last stored declaration."""
         return self.specs if declared == self.declared else None
 
-    def lookup(self, declared: list, frames: Sequence[bytes | memoryview]) -> tuple[int, dict[str, torch.Tensor]] | None:
-        if declared != self.declared or len(frames) != len(self.frames):
+    def lookup(self, frames: Sequence[bytes | memoryview]) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """CRC and tensors of ``frames`` when they equal the stored ones; call only after
+        :meth:`specs_of` found the declaration equal."""
+        if len(frames) != len(self.frames):
             return None
         for frame, known in zip(frames, self.frames):
             if frame != known:
@@ -280,6 +280,7 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head
     if head is None:
         head = peek_route(frames[0], limits)
     specs = cache.specs_of(head["tn"]) if cache is not None else None
+    declared_as_cached = specs is not None
     if specs is None:
         specs = _tensor_specs(head, limits)
     tensor_frames = frames[1:]
@@ -288,7 +289,7 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head
     for (name, _, shape, nbytes), frame in zip(specs, tensor_frames):
         if len(frame) != nbytes:
             raise CodecError("shape_mismatch", f"tensor {name!r} of shape {list(shape)} needs {nbytes} bytes, frame has {len(frame)}")
-    known = cache.lookup(head["tn"], tensor_frames) if cache is not None else None
+    known = cache.lookup(tensor_frames) if declared_as_cached else None
     if known is None:
         tensors_crc = 0
         for f in tensor_frames:
