@@ -88,6 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     Console().print(table)
     if args.out:
         console.print(f"results in {Path(args.out)}/ (summary.json, metrics.csv, events.jsonl)")
+    if s.get("interrupted"):
+        console.print(f"interrupted after {s['rounds']} rounds: the results above are partial")
+        return 130
     return 0
 
 
@@ -100,30 +103,41 @@ def _load(args, console):
         return None
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from .deploy import serve
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     scenario = _load(args, console)
     if scenario is None:
         return 2
     if scenario.run.clock != "real":
-        console.print("note: serve runs on the wall clock (run.clock = real)")
+        _say("note: serve runs on the wall clock (run.clock = real)")
         scenario.run.clock = "real"
+    if args.no_emulate:
+        scenario.run.emulate = False
+    if args.wait <= 0:
+        _say(f"error: --wait {args.wait:g}: must be > 0 seconds")
+        return 2
 
     def line(m, total):
         acc = "-" if m.accuracy is None else f"{m.accuracy:.4f}"
         print(f"round {m.round + 1}/{total}  acc {acc}  time {m.sim_time_s:.2f}s  up {_fmt_bytes(m.uplink_bytes)}",
               file=sys.stderr, flush=True)
 
-    result = serve(scenario, args.bind, keys=args.keys, out_dir=args.out, progress=line,
-                   ready=lambda addr: console.print(f"listening on {addr}; waiting for {scenario.data.clients} clients"),
-                   registration_timeout=args.wait)
+    result = serve(scenario, args.bind, keys=args.keys, out_dir=args.out, progress=line, resume=args.resume,
+                   ready=lambda addr: _say(f"listening on {addr}; waiting for {scenario.data.clients} clients"
+                                           f"{'' if scenario.run.emulate else ' (network model off: the link is real)'}"),
+                   registration_timeout=args.wait, say=_say)
     s = result.summary
-    print(f"final_accuracy={s['final_accuracy']:.4f} rounds={s['rounds']} uplink_bytes={s['uplink_bytes']} "
-          f"downlink_bytes={s['downlink_bytes']} model_sha256={s['model_sha256']}")
-    return 0
+    acc = "-" if s["final_accuracy"] is None else f"{s['final_accuracy']:.4f}"
+    print(f"final_accuracy={acc} rounds={s['rounds']} uplink_bytes={s['uplink_bytes']} "
+          f"downlink_bytes={s['downlink_bytes']} restarts={s['restarts']} model_sha256={s['model_sha256']}")
+    return 130 if s.get("interrupted") else 0
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -132,22 +146,36 @@ def cmd_join(args: argparse.Namespace) -> int:
     from network.units import parse_clients
 
     from .deploy import join
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     scenario = _load(args, console)
     if scenario is None:
         return 2
     scenario.run.clock = "real"
     ids = parse_clients(args.clients, scenario.data.clients, "--clients")
-    stats = join(scenario, args.connect, ids, keys=args.keys, key_name=args.key_name)
-    console.print(f"clients {args.clients}: done; counters {dict(stats.counters)}")
+    if args.wait <= 0:
+        _say(f"error: --wait {args.wait:g}: must be > 0 seconds")
+        return 2
+    result = join(scenario, args.connect, ids, keys=args.keys, key_name=args.key_name, wait=args.wait, say=_say)
+    counters = ", ".join(f"{k} {v}" for k, v in sorted(result.stats.counters.items())) or "none"
+    print(f"clients {args.clients}: done; contributed to {result.rounds_contributed} rounds; counters: {counters}")
     return 0
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    from .deploy import make_keys
-    d = make_keys(args.directory, args.clients)
+    from .identity import make_keys, parse_id_blocks
+    console = None
+    n_clients = None
+    if args.scenario is not None or args.set or not args.ids:
+        from rich.console import Console
+        console = Console(stderr=True, soft_wrap=True)
+        scenario = _load(args, console)
+        if scenario is None:
+            return 2
+        n_clients = scenario.data.clients
+    blocks = parse_id_blocks(args.ids, n_clients or 10**9) if args.ids else None
+    d = make_keys(args.directory, args.clients, blocks, n_clients)
     print(f"CURVE keys in {d}: server.key (public, give to clients), server.key_secret (server only), "
-          f"clients/client-i.key[_secret] (i < {args.clients})")
+          f"clients/client-i.key[_secret] (i < {args.clients}), manifest.json (which ids each key may host)")
     return 0
 
 
@@ -213,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--keys", metavar="DIR", help="CURVE key directory from `fedsim keys` (encrypt + authenticate)")
     sv.add_argument("--out", metavar="DIR")
     sv.add_argument("--wait", type=float, default=120.0, help="seconds to wait for all clients to join")
+    sv.add_argument("--resume", action="store_true",
+                    help="continue a killed server's run from the checkpoint in --out DIR (written after every round)")
+    sv.add_argument("--no-emulate", action="store_true",
+                    help="no modelled delay, loss or sharing (run.emulate = false): measure the real link")
     sv.set_defaults(func=cmd_serve)
     jn = sub.add_parser("join", help="host client actors that connect to a `fedsim serve` process")
     jn.add_argument("scenario", nargs="?")
@@ -221,10 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     jn.add_argument("--clients", default="all", help='client ids hosted here, e.g. "0-9,12" (default all)')
     jn.add_argument("--keys", metavar="DIR")
     jn.add_argument("--key-name", default="client-0", help="which clients/<name>.key_secret to use")
+    jn.add_argument("--wait", type=float, default=60.0,
+                    help="seconds to keep trying while no server answers (with backoff), then give up")
     jn.set_defaults(func=cmd_join)
-    ky = sub.add_parser("keys", help="create CURVE certificates for serve/join")
+    ky = sub.add_parser("keys", help="create CURVE certificates for serve/join, and a manifest binding keys to client ids")
     ky.add_argument("directory")
-    ky.add_argument("--clients", type=int, default=1)
+    ky.add_argument("scenario", nargs="?", help="scenario whose data.clients are split between the keys (default: embedded)")
+    ky.add_argument("--set", action="append", metavar="KEY=VALUE")
+    ky.add_argument("--clients", type=int, default=1, help="number of client keys (client nodes)")
+    ky.add_argument("--ids", metavar="SPEC", help='ids per key, e.g. "0-9,10-19" (default: an even split of data.clients)')
     ky.set_defaults(func=cmd_keys)
     sw = sub.add_parser("sweep", help="bandwidth-wall study: uplink bandwidth x algorithm -> time to accuracy, bytes, plots")
     sw.add_argument("scenario", nargs="?")
@@ -236,7 +273,33 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("scenarios", help="list the scenario files shipped in scenarios/")
     s.set_defaults(func=cmd_scenarios)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return guarded(args.func, args)
+
+
+def guarded(func, args: argparse.Namespace) -> int:
+    """Run a subcommand; a user's mistake or a deployment failure is one line and an exit
+    code (2: usage, 1: at run time, 130: interrupted), never a traceback."""
+    from network.errors import NetworkConfigError
+
+    from .checkpoint import CheckpointError
+    from .errors import DeployError
+    try:
+        return func(args)
+    except DeployError as exc:
+        _say(f"error: {exc}")
+        return exc.exit_code
+    except (ScenarioError, NetworkConfigError) as exc:
+        _say(f"error: {exc}")
+        return 2
+    except DataError as exc:
+        _say(f"error: {exc}")
+        return 2
+    except CheckpointError as exc:
+        _say(f"error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

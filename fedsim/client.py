@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -66,12 +67,20 @@ class ClientRole(Actor):
         self.free_since = 0.0
         """Wall time this client finished its last message (real time only)."""
         self.epoch = 0
-        """Bumped by a crash, so a reply computed before it is never sent after it."""
+        """Bumped by a crash or a rollback, so a reply computed before it is never sent after it."""
+        self.keep_ledger = False
+        """Keep the state as of each round's start, so that a server resumed from a
+        checkpoint can have this client recompute a round exactly as the first time."""
+        self._ledger: dict[int, dict[str, Any]] = {}
+        self._ledger_floor = -1
+        """The newest round whose record was pruned: no rollback to before it is possible."""
         node.actors[client_id] = self
 
     def crash(self) -> None:
         """Lose all memory; ignore mail until :meth:`restart`."""
         self.data.state = {}
+        self._ledger.clear()
+        self._ledger_floor = -1
         self.mailbox.clear()
         self.crashed = True
         self.busy = False
@@ -79,6 +88,38 @@ class ClientRole(Actor):
 
     def restart(self) -> None:
         self.crashed = False
+
+    def rollback(self, applied_round: int) -> str:
+        """The server resumed after ``applied_round`` (its last checkpoint): go back to the
+        shared state as of the end of that round, dropping what later rounds changed and
+        any work in flight. Returns what happened: ``kept`` (nothing to undo),
+        ``rolled_back``, or ``lost`` (no record that old: the state is cleared and the
+        algorithm resynchronises, as after a crash)."""
+        self.mailbox.clear()
+        self.busy = False
+        self.epoch += 1
+        later = sorted(r for r in self._ledger if r > applied_round)
+        if applied_round < self._ledger_floor:
+            self.data.state = {}
+            outcome = "lost"
+        elif later:
+            self.data.state = clone_state(self._ledger[later[0]])
+            outcome = "rolled_back"
+        elif self._ledger and max(self._ledger) <= applied_round or not self.data.state:
+            outcome = "kept"
+        else:
+            self.data.state = {}
+            outcome = "lost"
+        for r in later:
+            del self._ledger[r]
+        return outcome
+
+    def _record(self, round: int) -> None:
+        if round not in self._ledger and (not self._ledger or round > max(self._ledger)):
+            self._ledger[round] = clone_state(self.data.state)
+            for old in sorted(self._ledger)[:-2]:  # a resume goes back at most one round
+                del self._ledger[old]
+                self._ledger_floor = max(self._ledger_floor, old)
 
     def deliver(self, msg: Message) -> None:
         if self.crashed:
@@ -109,6 +150,8 @@ class ClientRole(Actor):
                 self.stats.count("unknown_kind")
                 self.log("reject", dst=self.actor_id, kind=msg.kind, reason="unknown_kind")
                 continue
+            if self.keep_ledger:
+                self._record(msg.round)
             ctx = ClientCtx(self.actor_id, msg.round, self.model, self.data.x, self.data.y, self._generator(msg),
                             self.data.state, self.work_per_sample)
             started = max(arrived, self.free_since)
@@ -134,3 +177,16 @@ class ClientRole(Actor):
             self.node.send(Message(src=self.actor_id, dst=SERVER, round=msg.round, kind=msg.kind, version=version,
                                    payload=reply))
         self._next()
+
+
+def clone_state(state: Any) -> Any:
+    """A deep copy of a client's state (tensors cloned: handlers update them in place)."""
+    if isinstance(state, torch.Tensor):
+        return state.clone()
+    if isinstance(state, dict):
+        return {k: clone_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [clone_state(v) for v in state]
+    if isinstance(state, tuple):
+        return tuple(clone_state(v) for v in state)
+    return copy.deepcopy(state)

@@ -17,3 +17,13 @@ class ScenarioError(ValueError):
 
 class DataError(RuntimeError):
     """A data set that cannot be loaded (missing files, with how to get them)."""
+
+
+class DeployError(RuntimeError):
+    """A deployment that cannot go on: a missing key, an address in use, a refused hello,
+    a server that never answers. The message is one line for the user; ``exit_code`` is 2
+    for a usage mistake (bad argument or file) and 1 for a failure at run time."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        self.exit_code = exit_code
+        super().__init__(message)

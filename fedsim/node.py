@@ -27,13 +27,19 @@ from . import codec
 from .codec import SERVER, CodecError, Limits, Message
 
 NODE = -2
-"""Sender id of node-level control messages (registration)."""
+"""Sender/receiver id of node-level control messages (sessions, liveness, the end)."""
 HELLO = "_hello"
+"""client node -> server: ``meta = {clients, session}``: the ids this node hosts."""
+WELCOME = "_welcome"
+"""server -> client node: the hello is accepted; ``meta = {server_session, resumed}``."""
+REFUSED = "_refused"
+"""server -> client node: the hello is refused; ``meta = {reason, retry}``."""
+PING = "_ping"
+PONG = "_pong"
+UNKNOWN = "_unknown"
+"""server -> a node that pings without a session here (the server restarted): say hello."""
 DONE = "_done"
-
-
-class EventSink(Protocol):
-    def __call__(self, event: str, **fields: Any) -> None: ...
+MAX_SESSION_CHARS = 64
 
 
 @dataclass
@@ -84,33 +90,79 @@ class Actor(abc.ABC):
         """Take one message (called by the node, on the event loop)."""
 
 
+@dataclass
+class PeerSession:
+    """Server side: one connected client node (one ``join`` process, or the simulation's
+    client node). ``peer`` is its routing id, random per session, so no peer can predict or
+    reuse another's; ``key`` is the CURVE public key it authenticated with (None without
+    CURVE)."""
+
+    peer: bytes
+    session: str
+    key: str | None
+    clients: list[int]
+    last_seen: float
+
+
+Authorize = Callable[["str | None", list[int]], "str | None"]
+"""(CURVE key or None, client ids) -> None when the key may host those ids, else the reason."""
+
+
 class Node:
     """Glue between one transport and the actors of this process."""
 
     def __init__(self, transport: Transport, *, log: EventSink, stats: Stats, limits: Limits = Limits(),
-                 emulator: Any = None, seed: int = 0):
+                 emulator: Any = None, seed: int = 0, server: bool | None = None):
         self.transport = transport
         self.log = log
         self.stats = stats
         self.limits = limits
         self.emulator = emulator
+        self.is_server = emulator is not None if server is None else server
+        self.emulate = emulator is not None
+        """Server side: False when the wire is real and must be measured as it is."""
         self.actors: dict[int, Actor] = {}
         self.routes: dict[int, bytes] = {}
         """Server side: client id -> routing id of the node that hosts it."""
+        self.sessions: dict[bytes, PeerSession] = {}
+        """Server side: live client nodes by routing id."""
+        self.session = ""
+        """This node's session: the server's (sent in every welcome) or the client node's."""
+        self.resumed = -1
+        """Server side: the last round restored from a checkpoint (-1: a fresh run)."""
+        self.authorize: Authorize | None = None
+        self.on_join: Callable[[list[int], bool], None] | None = None
+        """Server side: (clients, rejoin) after a hello is accepted."""
+        self.on_dead: Callable[[list[int]], None] | None = None
+        """Server side: clients whose node was declared dead (silent past the timeout)."""
         self.registered: asyncio.Event | None = None
         self.done = asyncio.Event()
         """Client side: set when the server announces the end of the run."""
         self.expected_clients: int | None = None
+        # client side: the server's answers to hello and pings
+        self.welcome: dict[str, Any] | None = None
+        self.refusal: dict[str, Any] | None = None
+        self.last_heard = 0.0
+        self.on_welcome: Callable[[dict[str, Any]], None] | None = None
+        self.on_unknown: Callable[[], None] | None = None
+        self._ever_joined: set[int] = set()
+        self.rounds_sent: set[int] = set()
+        """Client side: rounds in which this node's clients sent a reply."""
         self._next_id = 0
-        self._seen: dict[int, _RecentIds] = collections.defaultdict(_RecentIds)
+        self._seen: dict[tuple, _RecentIds] = collections.defaultdict(_RecentIds)
         self._corrupt_rng = np.random.default_rng([seed, 0xC0])
         self._decode_cache = codec.DecodeCache()
+
+    def _now(self) -> float:
+        return self.transport.loop.time() if self.transport.loop is not None else 0.0
 
     # --- sending -----------------------------------------------------------------
     def _stamp(self, msg: Message) -> Message:
         self._next_id += 1
         msg.msg_id = self._next_id
-        msg.sent_at = self.transport.loop.time() if self.transport.loop is not None else 0.0
+        msg.sent_at = self._now()
+        if msg.src >= 0:
+            self.rounds_sent.add(msg.round)
         return msg
 
     def send(self, msg: Message, tensors: codec.EncodedTensors | None = None) -> int:
@@ -129,7 +181,7 @@ class Node:
                 self.stats.count("send_unknown_client")
                 self.log("drop", dst=msg.dst, kind=msg.kind, reason="unknown_client")
                 return nbytes
-            if self.emulator is None:
+            if not self.emulate:
                 self._transmit(peer, frames, msg)
             else:
                 self.emulator.transfer("down", msg.dst, nbytes,
@@ -148,20 +200,59 @@ class Node:
             self.stats.count("send_unknown_peer")
             self.log("drop", dst=msg.dst, kind=msg.kind, reason="peer_gone")
 
+    def _control(self, kind: str, meta: dict[str, Any] | None = None, peer: bytes | None = None) -> bool:
+        """A node-level control message: not modelled, not counted as traffic. False when
+        ``peer``'s connection is gone."""
+        src, dst = (SERVER, NODE) if self.is_server else (NODE, SERVER)
+        msg = Message(src=src, dst=dst, round=-1, kind=kind, version=0, payload=codec.Payload(meta=meta or {}))
+        try:
+            self.transport.send(codec.encode(self._stamp(msg)), peer)
+        except UnknownPeer:
+            return False
+        return True
+
     def hello(self, client_ids: list[int]) -> None:
-        """Client side: announce the clients this node hosts."""
-        msg = Message(src=NODE, dst=SERVER, round=-1, kind=HELLO, version=0,
-                      payload=codec.Payload(meta={"clients": client_ids}))
-        self.transport.send(codec.encode(self._stamp(msg)))
+        """Client side: announce the clients this node hosts, in this node's session."""
+        self._control(HELLO, {"clients": client_ids, "session": self.session})
+
+    def ping(self) -> None:
+        """Client side: a heartbeat (the server answers with PONG, or UNKNOWN after a restart)."""
+        self._control(PING)
 
     def farewell(self) -> None:
         """Server side: tell every client node the run is over (control, not modelled)."""
-        for peer in sorted(set(self.routes.values())):
-            msg = Message(src=SERVER, dst=NODE, round=-1, kind=DONE, version=0, payload=codec.Payload())
-            try:
-                self.transport.send(codec.encode(self._stamp(msg)), peer)
-            except UnknownPeer:
-                pass
+        for peer in sorted(self.sessions):
+            self._control(DONE, peer=peer)
+
+    def welcome_all(self) -> None:
+        """Server side: (re)send the welcome to every live session (after a restore)."""
+        for peer in sorted(self.sessions):
+            self._control(WELCOME, {"server_session": self.session, "resumed": self.resumed}, peer)
+
+    # --- liveness (server side) ----------------------------------------------------
+    def check_liveness(self, timeout_s: float) -> list[int]:
+        """Declare dead every session silent for more than ``timeout_s`` seconds: its
+        clients leave the routes at once (so no gather waits for them). Returns them."""
+        now = self._now()
+        gone: list[int] = []
+        for peer, s in list(self.sessions.items()):
+            # Silent, and its connection is gone (kill -9 closes it at once; a dead host is
+            # dropped by the ZMTP heartbeat). A node busy computing still holds its connection.
+            if now - s.last_seen > timeout_s and not self._control(PONG, peer=peer):
+                gone += self._drop_session(peer)
+                self.stats.count("peer_dead")
+                self.log("peer_dead", clients=len(s.clients), first=s.clients[:1], silent_s=round(now - s.last_seen, 3))
+        if gone and self.on_dead is not None:
+            self.on_dead(sorted(gone))
+        return gone
+
+    def _drop_session(self, peer: bytes) -> list[int]:
+        s = self.sessions.pop(peer)
+        for c in s.clients:
+            if self.routes.get(c) == peer:
+                del self.routes[c]
+        self._seen = collections.defaultdict(_RecentIds, {k: v for k, v in self._seen.items() if k[0] != peer})
+        return s.clients
 
     # --- receiving ---------------------------------------------------------------
     def on_message(self, peer: bytes, frames: list) -> None:
@@ -172,58 +263,143 @@ class Node:
                 raise CodecError("empty", "no frames")
         except CodecError as exc:
             return self._reject(peer, exc.reason, str(exc))
-        if self.emulator is not None:  # the server's node
-            src = head["src"]
-            if head["k"] == HELLO and src == NODE:
-                return self._on_hello(peer, frames, head)
-            if self.routes.get(src) != peer:
-                return self._reject(peer, "unknown_sender", f"sender {src} is not a client registered by this peer")
-            if head["dst"] != SERVER:
-                return self._reject(peer, "bad_destination", f"client {src} addressed actor {head['dst']}")
-            nbytes = codec.wire_size(frames)
-            self.stats.uplink_bytes += nbytes
-            self.stats.uplink_payload_bits += max(0, head["bits"])
-            self.stats.messages_up += 1
-            self.emulator.transfer("up", src, nbytes, lambda corrupt: self._deliver(
-                peer, self._maybe_corrupt(frames, corrupt), None if corrupt else head, nbytes))
-        else:
-            self._deliver(peer, frames, head)
+        if not self.is_server:
+            return self._deliver(peer, frames, head)
+        src = head["src"]
+        if src == NODE:
+            return self._on_control(peer, frames, head)
+        session = self.sessions.get(peer)
+        if session is not None:
+            session.last_seen = self._now()
+        if self.routes.get(src) != peer:
+            return self._reject(peer, "unknown_sender", f"sender {src} is not a client registered by this peer")
+        if head["dst"] != SERVER:
+            return self._reject(peer, "bad_destination", f"client {src} addressed actor {head['dst']}")
+        nbytes = codec.wire_size(frames)
+        self.stats.uplink_bytes += nbytes
+        self.stats.uplink_payload_bits += max(0, head["bits"])
+        self.stats.messages_up += 1
+        if not self.emulate:
+            return self._deliver(peer, frames, head, nbytes)
+        self.emulator.transfer("up", src, nbytes, lambda corrupt: self._deliver(
+            peer, self._maybe_corrupt(frames, corrupt), None if corrupt else head, nbytes))
 
     def _deliver(self, peer: bytes, frames: list, head: dict | None, nbytes: int | None = None) -> None:
         try:
             msg = codec.decode(frames, self.limits, head, nbytes, self._decode_cache)
         except CodecError as exc:
             return self._reject(peer, exc.reason, str(exc))
-        if msg.dst == NODE and msg.kind == DONE and self.emulator is None:
-            self.done.set()
-            return
+        if msg.dst == NODE and not self.is_server:
+            return self._on_server_control(msg)
         actor = self.actors.get(msg.dst)
         if actor is None:
+            if self.is_server and msg.dst == SERVER:  # the server is down (a scripted crash)
+                self.stats.count("to_crashed_server")
+                return self.log("drop", src=msg.src, kind=msg.kind, reason="server_down")
             return self._reject(peer, "unknown_destination", f"no actor {msg.dst} on this node")
-        if not self._seen[msg.src].add(msg.msg_id):
+        # Duplicates are judged per (sender's session, sender): a restarted process numbers
+        # its messages from 1 again, in a new session, and must not be taken for a replay.
+        if self.is_server:
+            key = (peer, msg.src)
+        else:
+            self.last_heard = self._now()
+            key = (self.welcome["server_session"] if self.welcome else "", msg.src)
+        if not self._seen[key].add(msg.msg_id):
             self.stats.count("duplicate")
             self.log("duplicate", src=msg.src, dst=msg.dst, kind=msg.kind, id=msg.msg_id)
             return
         self.log("deliver", src=msg.src, dst=msg.dst, kind=msg.kind, round=msg.round)
         actor.deliver(msg)
 
-    def _on_hello(self, peer: bytes, frames: list, head: dict) -> None:
-        clients = head["meta"].get("clients")
-        if not isinstance(clients, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in clients):
-            return self._reject(peer, "bad_hello", "meta.clients must be a list of ints")
+    # --- control (server side) -----------------------------------------------------
+    def _on_control(self, peer: bytes, frames: list, head: dict) -> None:
+        kind = head["k"]
+        if kind == PING:
+            session = self.sessions.get(peer)
+            if session is None:
+                return self._control(UNKNOWN, peer=peer)
+            session.last_seen = self._now()
+            return self._control(PONG, peer=peer)
+        if kind != HELLO:
+            return self._reject(peer, "bad_control", f"control message {kind[:40]!r} from a client node")
+        try:
+            msg = codec.decode(frames, self.limits, head)
+        except CodecError as exc:
+            return self._reject(peer, exc.reason, str(exc))
+        meta = msg.payload.meta
+        clients, session_id = meta.get("clients"), meta.get("session", "")
+        if not isinstance(clients, list) or not clients or not all(
+                isinstance(c, int) and not isinstance(c, bool) for c in clients):
+            return self._refuse(peer, "bad_hello", "meta.clients must be a non-empty list of client ids")
+        if not isinstance(session_id, str) or len(session_id) > MAX_SESSION_CHARS:
+            return self._refuse(peer, "bad_hello", f"meta.session must be a string of at most {MAX_SESSION_CHARS} chars")
         limit = self.expected_clients
+        if len(set(clients)) != len(clients):
+            return self._refuse(peer, "bad_hello", "client ids repeat")
         bad = [c for c in clients if c < 0 or (limit is not None and c >= limit)]
         if bad:
-            return self._reject(peer, "bad_hello", f"client ids out of range: {bad[:5]}")
-        taken = [c for c in clients if self.routes.get(c, peer) != peer]
-        if taken:
-            # A restarted node keeps its routing id; another peer may not take over clients.
-            return self._reject(peer, "route_conflict", f"clients {taken[:5]} are hosted by another node")
+            return self._refuse(peer, "bad_hello",
+                                f"client ids out of range: {bad[:5]} (this run has clients 0..{(limit or 1) - 1})")
+        key = self.transport.user_id(peer)
+        if self.authorize is not None:
+            reason = self.authorize(key, clients)
+            if reason is not None:
+                return self._refuse(peer, "not_authorized", reason)
+        held = {self.routes[c] for c in clients if c in self.routes and self.routes[c] != peer}
+        for other in sorted(held):
+            owner = self.sessions.get(other)
+            if owner is not None and (key is None or owner.key != key):
+                # Without keys, a live session's ids are its own until it goes silent: a
+                # restarted process retries and gets them once the old one times out.
+                return self._refuse(peer, "ids_held",
+                                    f"clients {sorted(set(owner.clients) & set(clients))[:5]} are held by a live session; "
+                                    "retrying until it times out", retry=True)
+        rejoin = False
+        for other in sorted(held):
+            # The same key in a new session: the old process is gone (or superseded).
+            self._drop_session(other)
+            self.stats.count("session_superseded")
+            rejoin = True
+        previous = self.sessions.get(peer)
+        if previous is not None and previous.session != session_id:
+            self._drop_session(peer)
+        rejoin = rejoin or bool(self._ever_joined & set(clients))
+        self.sessions[peer] = PeerSession(peer, session_id, key, sorted(clients), self._now())
         for c in clients:
             self.routes[c] = peer
-        self.log("hello", clients=len(clients))
+        self._ever_joined.update(clients)
+        self.log("hello", clients=len(clients), rejoin=rejoin)
+        if rejoin:
+            self.stats.count("rejoin")
+        self._control(WELCOME, {"server_session": self.session, "resumed": self.resumed}, peer)
+        if self.on_join is not None:
+            self.on_join(sorted(clients), rejoin)
         if self.registered is not None and limit is not None and len(self.routes) >= limit:
             self.registered.set()
+
+    def _refuse(self, peer: bytes, reason: str, detail: str, retry: bool = False) -> None:
+        self._reject(peer, reason, detail)
+        self._control(REFUSED, {"reason": f"{reason}: {detail}"[:300], "retry": retry}, peer)
+
+    # --- control (client side) -----------------------------------------------------
+    def _on_server_control(self, msg: Message) -> None:
+        self.last_heard = self._now()
+        kind, meta = msg.kind, msg.payload.meta
+        if kind == DONE:
+            self.done.set()
+        elif kind == WELCOME:
+            first = self.welcome is None or self.welcome.get("server_session") != meta.get("server_session")
+            self.welcome, self.refusal = dict(meta), None
+            if first and self.on_welcome is not None:
+                self.on_welcome(self.welcome)
+        elif kind == REFUSED:
+            self.refusal = dict(meta)
+        elif kind == UNKNOWN:
+            self.welcome = None
+            if self.on_unknown is not None:
+                self.on_unknown()
+        elif kind != PONG:
+            self.stats.count("unknown_control")
 
     def _reject(self, peer: bytes, reason: str, detail: str) -> None:
         self.stats.count("rejected")

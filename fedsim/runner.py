@@ -7,8 +7,12 @@ roles run across processes and hosts through ``fedsim.deploy``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import gc
+import signal
+import sys
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -21,7 +25,9 @@ from algorithms.base import Algorithm, ConfigError, params_digest
 from network.emulator import Emulator
 from network.transport import Transport
 
+from . import checkpoint
 from .client import ClientData, ClientRole
+from .codec import SERVER as SERVER_ID
 from .clock import LoopClock, VirtualTimeLoop, new_loop, wall_time
 from .codec import Limits
 from .data import Dataset, load_dataset, partition
@@ -49,40 +55,78 @@ def round_half_up(x: float) -> int:
 
 
 class ServerSide:
-    """The server's node, its emulator and role, and the round loop."""
+    """The server's node, its emulator and role, and the round loop.
+
+    With ``checkpoints`` on, the state the run must not lose is saved after every completed
+    round (``fedsim.checkpoint``): to ``checkpoint_dir`` when given, else kept in memory for
+    a scripted ``server_crash``. :meth:`crash` drops everything the process held;
+    :meth:`restore` rebuilds the server from the last checkpoint, as a new process would.
+    """
 
     def __init__(self, scenario: Scenario, loop: asyncio.AbstractEventLoop, transport: Transport, dataset: Dataset,
-                 model: torch.nn.Module, algorithm: Algorithm, events: EventLog, stats: Stats, limits: Limits):
+                 model: torch.nn.Module, algorithm: Algorithm, events: EventLog, stats: Stats, limits: Limits, *,
+                 emulate: bool = True, session: str = "server-0"):
         self.scenario, self.loop, self.dataset, self.model, self.algorithm = scenario, loop, dataset, model, algorithm
         self.events, self.stats, self.transport = events, stats, transport
         run = scenario.run
         self.n_clients = scenario.data.clients
         self.emulator = Emulator(scenario.network, self.n_clients, LoopClock(loop), run.seed, events)
         self.node = Node(transport, log=events, stats=stats, limits=limits, emulator=self.emulator, seed=run.seed)
+        self.node.emulate = emulate
+        self.node.session = session
         self.node.expected_clients = self.n_clients
         self.role = ServerRole(self.node, algorithm, stats=stats, log=events, max_wait_s=run.max_wait)
+        self.node.on_dead = self.role.forget
         self.metrics: list[RoundMetrics] = []
         self.start_time = 0.0
+        self.next_round = 0
+        self.checkpoints = False
+        self.checkpoint_dir: Path | None = None
+        self._checkpoint: bytes | None = None
+        self.stop_requested = False
+        """Set by Ctrl-C: stop after the current round."""
+        self.down = False
+        self.restarts = 0
+        self._round_task: asyncio.Future | None = None
+        self._restarted: asyncio.Event | None = None
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.model, self.algorithm.model_params(), self.dataset.test_x, self.dataset.test_y)
 
+    async def wait_registered(self, registration_timeout: float | None) -> None:
+        registered = asyncio.Event()
+        self.node.registered = registered
+        if len(self.node.routes) < self.n_clients:
+            await asyncio.wait_for(registered.wait(), timeout=registration_timeout)
+
     async def run_rounds(self, progress: Progress | None, on_fault: Callable[[dict], None],
                          registration_timeout: float | None) -> None:
         loop, run, stats = self.loop, self.scenario.run, self.stats
-        registered = asyncio.Event()
-        self.node.registered = registered
-        self.transport.attach(loop, self.node.on_message)
-        await asyncio.wait_for(registered.wait(), timeout=registration_timeout)
-        self.start_time = loop.time()
-        for r in range(run.rounds):
+        if self.transport.on_message is None:
+            self.transport.attach(loop, self.node.on_message)
+        await self.wait_registered(registration_timeout)
+        self.start_time = loop.time() - (self.metrics[-1].sim_time_s if self.metrics else 0.0)
+        while self.next_round < run.rounds and not self.stop_requested:
+            r = self.next_round
             for event in self.emulator.start_round(r) or []:
                 on_fault(event)
+            if self.down:  # a server_crash fired at the start of this round
+                await self._restarted.wait()
+                continue
             participants = select_participants(self.n_clients, self.algorithm.config.client_fraction, run.seed, r)
             self.role.begin_round(r, participants, run.round_deadline)
             started = loop.time()
             self.events("round_start", round=r, participants=len(participants))
-            await self.algorithm.server_round(self.role)
+            self._round_task = asyncio.ensure_future(self.algorithm.server_round(self.role))
+            try:
+                await self._round_task
+            except asyncio.CancelledError:
+                if not self.down:
+                    raise
+                await self._restarted.wait()  # crashed mid-round: the round runs again
+                continue
+            finally:
+                self._round_task = None
             now = loop.time()
             acc = loss = None
             if (r + 1) % run.eval_every == 0 or r == run.rounds - 1:
@@ -92,11 +136,94 @@ class ServerSide:
             m = RoundMetrics(r, now - self.start_time, now - started, acc, loss, stats.uplink_bytes, stats.downlink_bytes,
                              stats.uplink_payload_bits, stats.downlink_payload_bits)
             self.metrics.append(m)
+            self.next_round = r + 1
+            if self.checkpoints:
+                self.save_checkpoint()
             if progress is not None:
                 progress(m, run.rounds)
             if run.stop_at_target and acc is not None and run.target_accuracy is not None and acc >= run.target_accuracy:
                 break
         self.node.farewell()
+
+    # --- checkpoints ---------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        return {
+            "round": self.next_round - 1,
+            "algorithm_name": self.scenario.algorithm_name,
+            "seed": self.scenario.run.seed,
+            "algorithm": checkpoint.algorithm_state(self.algorithm),
+            "metrics": [dataclasses.asdict(m) for m in self.metrics],
+            "stats": {"uplink_bytes": self.stats.uplink_bytes, "downlink_bytes": self.stats.downlink_bytes,
+                      "uplink_payload_bits": self.stats.uplink_payload_bits,
+                      "downlink_payload_bits": self.stats.downlink_payload_bits,
+                      "messages_up": self.stats.messages_up, "messages_down": self.stats.messages_down,
+                      "counters": dict(self.stats.counters)},
+            "contributions": dict(self.role.contributions),
+            "emulator_rngs": dict(self.emulator._rngs),
+            "events": [[t, e, f] for t, e, f in self.events.rows],
+            "restarts": self.restarts,
+        }
+
+    def save_checkpoint(self) -> None:
+        data = checkpoint.dumps(self.checkpoint_state())
+        if self.checkpoint_dir is not None:
+            checkpoint.write_atomic(self.checkpoint_dir / checkpoint.FILENAME, data)
+        self._checkpoint = data
+
+    def restore(self, state: dict, *, traffic: bool = True) -> None:
+        """Rebuild the server from a checkpoint, as a freshly started process would.
+        ``traffic``: also restore the byte and message counters (a new process; in a
+        simulated crash the traffic before it was real and stays counted)."""
+        if state["algorithm_name"] != self.scenario.algorithm_name or state["seed"] != self.scenario.run.seed:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint is of algorithm {state['algorithm_name']!r} seed {state['seed']}, the scenario of "
+                f"{self.scenario.algorithm_name!r} seed {self.scenario.run.seed}")
+        algorithm = make_algorithm(self.scenario, self.model)
+        checkpoint.restore_algorithm(algorithm, state["algorithm"])
+        self.algorithm = self.role.algorithm = algorithm
+        self.metrics = [RoundMetrics(**m) for m in state["metrics"]]
+        self.next_round = state["round"] + 1
+        self.role.contributions = {int(k): v for k, v in state["contributions"].items()}
+        self.restarts = state.get("restarts", 0)
+        if traffic:
+            st = state["stats"]
+            for k in ("uplink_bytes", "downlink_bytes", "uplink_payload_bits", "downlink_payload_bits",
+                      "messages_up", "messages_down"):
+                setattr(self.stats, k, st[k])
+            self.stats.counters.clear()
+            self.stats.counters.update(st["counters"])
+            self.events.rows[:] = [(t, e, f) for t, e, f in state["events"]]
+            self.emulator._rngs.update(state["emulator_rngs"])
+        self.node.resumed = state["round"]
+
+    def crash(self, restart_after: float | None) -> None:
+        """A scripted server crash: in-flight work and in-memory state are lost; after
+        ``restart_after`` seconds the server restarts from its last checkpoint."""
+        if self.down:
+            return
+        self.down = True
+        self.stats.count("server_crash")
+        self._restarted = asyncio.Event()
+        self.role.begin_round(-1, [], None)
+        self.role._gather = None
+        self.node.actors.pop(SERVER_ID, None)
+        if self._round_task is not None:
+            self._round_task.cancel()
+        self.loop.call_later(restart_after or 0.0, self._restart)
+
+    def _restart(self) -> None:
+        self.restarts += 1
+        if self._checkpoint is not None:
+            self.restore(checkpoint.loads(self._checkpoint), traffic=False)
+        else:  # crashed before the first round completed: start over
+            self.algorithm = self.role.algorithm = make_algorithm(self.scenario, self.model)
+            self.metrics, self.next_round, self.node.resumed = [], 0, -1
+        self.node.actors[SERVER_ID] = self.role
+        self.node.session = f"server-{self.restarts}"
+        self.events("server_restart", resumed=self.node.resumed)
+        self.down = False
+        self.node.welcome_all()
+        self._restarted.set()
 
 
 class ClientSide:
@@ -115,6 +242,19 @@ class ClientSide:
                           real_time=run.clock == "real", stats=stats, log=events)
             for i in client_ids
         }
+        self.rollbacks: collections.Counter[str] = collections.Counter()
+        self.node.on_welcome = self.on_welcome
+
+    def keep_ledger(self) -> None:
+        """Let a server resumed from a checkpoint roll these clients back (see ClientRole.rollback)."""
+        for client in self.clients.values():
+            client.keep_ledger = True
+
+    def on_welcome(self, welcome: dict) -> None:
+        resumed = welcome.get("resumed", -1)
+        if isinstance(resumed, int) and resumed >= -1 and any(c._ledger or c.data.state for c in self.clients.values()):
+            for client in self.clients.values():
+                self.rollbacks[client.rollback(resumed)] += 1
 
     def start(self) -> None:
         self.transport.attach(self.loop, self.node.on_message)
@@ -138,7 +278,7 @@ class Simulation:
 
     def __init__(self, scenario: Scenario, loop: asyncio.AbstractEventLoop, dataset: Dataset,
                  parts: list[torch.Tensor], model: torch.nn.Module, algorithm: Algorithm):
-        self.scenario, self.loop, self.algorithm = scenario, loop, algorithm
+        self.scenario, self.loop = scenario, loop
         self.events = EventLog(loop.time)
         self.stats = Stats()
         self.context = zmq.Context()
@@ -152,6 +292,8 @@ class Simulation:
             loop.transports = [self.server_transport, self.client_transport]
         self.server = ServerSide(scenario, loop, self.server_transport, dataset, model, algorithm, self.events,
                                  self.stats, limits)
+        if any(ev.action == "server_crash" for ev in scenario.network.events):
+            self.server.checkpoints = True
         self.emulator = self.server.emulator
         self.server_node = self.server.node
         self.client_side = ClientSide(scenario, loop, self.client_transport, dataset, parts,
@@ -159,13 +301,24 @@ class Simulation:
                                       limits, self.emulator.compute_time)
         self.client_node = self.client_side.node
         self.clients = self.client_side.clients
+        if self.server.checkpoints:
+            self.client_side.keep_ledger()
         self.emulator.on_runtime_event(self.on_runtime_event)
 
     @property
     def metrics(self) -> list[RoundMetrics]:
         return self.server.metrics
 
+    @property
+    def algorithm(self) -> Algorithm:
+        """The server's instance (a restart from a checkpoint replaces it)."""
+        return self.server.algorithm
+
     def on_runtime_event(self, event: dict) -> None:
+        if event.get("action") == "server_crash":
+            self.events("server_crash", restart_after=event.get("restart_after"))
+            self.server.crash(event.get("restart_after"))
+            return
         self.client_side.on_fault(event)
         self.stats.count(f"fault_{event.get('action')}", len(event.get("clients", [])))
 
@@ -208,6 +361,17 @@ def make_algorithm(scenario: Scenario, model: torch.nn.Module) -> Algorithm:
         raise ScenarioError(f"algorithm.{exc.key}", exc.value, exc.reason, source=scenario.source) from None
 
 
+def _stop_on_interrupt(loop: asyncio.AbstractEventLoop, server: ServerSide) -> None:
+    """First Ctrl-C: finish the current round, then stop and write what there is. A
+    second one interrupts at once (the default handler is back)."""
+    def handler() -> None:
+        loop.remove_signal_handler(signal.SIGINT)
+        server.stop_requested = True
+        print("interrupted: stopping after this round (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+    with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: no handler
+        loop.add_signal_handler(signal.SIGINT, handler)
+
+
 def build(scenario: Scenario, loop: asyncio.AbstractEventLoop) -> Simulation:
     seed = scenario.run.seed
     dataset = load_dataset(scenario.data, seed)
@@ -228,9 +392,12 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
     sim = None
     try:
         sim = build(scenario, loop)
+        _stop_on_interrupt(loop, sim.server)
         with quiet_gc():
             loop.run_until_complete(sim.main(progress))
     finally:
+        with contextlib.suppress(ValueError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
         if sim is not None:
             sim.close()
         for task in asyncio.all_tasks(loop):
@@ -240,6 +407,8 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
         loop.close()
         torch.set_num_threads(threads)
     result = summarise(sim, wall_time() - wall_start)
+    result.summary["interrupted"] = sim.server.stop_requested and sim.server.next_round < scenario.run.rounds
+    result.summary["restarts"] = sim.server.restarts
     if out_dir is not None:
         result.write(Path(out_dir))
     return result

@@ -35,6 +35,13 @@ class ServerRole(Actor):
         self._sent_to: dict[str, set[int]] = {}
         self._pending: dict[str, list[Message]] = {}
         self._gather: _Gather | None = None
+        self.contributions: dict[int, int] = {}
+        """Client id -> rounds in which the server accepted at least one of its replies."""
+        self._contributed_round: dict[int, int] = {}
+        self.report_waiting: Callable[[str, list[int], float], None] | None = None
+        """Called every ``report_every_s`` seconds while a gather waits: (kind, missing, waited)."""
+        self.report_every_s = 5.0
+        self._report_handle: asyncio.TimerHandle | None = None
         node.actors[SERVER] = self
 
     # --- ServerComm ----------------------------------------------------------------
@@ -61,6 +68,11 @@ class ServerRole(Actor):
     async def gather(self, kind: str, *, version: int | None = None, clients: list[int] | None = None,
                      deadline_s: float | None = None) -> dict[int, Reply]:
         expected = set(clients) if clients is not None else set(self._sent_to.get(kind, ()))
+        # A client whose node is gone (declared dead, or never joined) cannot answer.
+        absent = {c for c in expected if c not in self.node.routes}
+        if absent:
+            expected -= absent
+            self.stats.count("absent_clients", len(absent))
         loop = asyncio.get_running_loop()
         g = _Gather(kind, expected, version, loop.create_future())
         self._gather = g
@@ -68,12 +80,17 @@ class ServerRole(Actor):
             self._accept(g, msg)
         wait = deadline_s if deadline_s is not None else self.round_deadline_s
         wait = self.max_wait_s if wait is None else min(wait, self.max_wait_s)
-        timer = None
         if not self._complete(g):
             timer = loop.call_later(wait, lambda: g.fut.done() or g.fut.set_result(None))
-            await g.fut
-        if timer is not None:
-            timer.cancel()
+            if self.report_waiting is not None:
+                self._report_waiting_every(loop, g, loop.time())
+            try:
+                await g.fut
+            finally:
+                timer.cancel()
+                if self._report_handle is not None:
+                    self._report_handle.cancel()
+                    self._report_handle = None
         self._gather = None
         missing = sorted(expected - g.replies.keys())
         if missing:
@@ -81,6 +98,26 @@ class ServerRole(Actor):
             self._log("gather_timeout", round=self.round, kind=kind, missing=len(missing),
                       first_missing=missing[:10], waited_s=wait)
         return dict(sorted(g.replies.items()))
+
+    def _report_waiting_every(self, loop: asyncio.AbstractEventLoop, g: _Gather, since: float) -> None:
+        def report() -> None:
+            if self._gather is g and self.report_waiting is not None:
+                self.report_waiting(g.kind, sorted(g.expected - g.replies.keys()), loop.time() - since)
+                self._report_handle = loop.call_later(self.report_every_s, report)
+        self._report_handle = loop.call_later(self.report_every_s, report)
+
+    def forget(self, clients: list[int]) -> None:
+        """Clients whose node died: the open gather stops waiting for them at once."""
+        g = self._gather
+        if g is None:
+            return
+        gone = (g.expected & set(clients)) - g.replies.keys()
+        if gone:
+            g.expected -= gone
+            self.stats.count("absent_clients", len(gone))
+            self._log("absent", round=self.round, kind=g.kind, clients=len(gone), first=min(gone))
+            if self._complete(g) and not g.fut.done():
+                g.fut.set_result(None)
 
     def count(self, name: str, n: int = 1) -> None:
         self.stats.count(name, n)
@@ -116,6 +153,9 @@ class ServerRole(Actor):
         except Exception as exc:  # a validator tripping over odd bytes must not kill the server
             return self._refuse(msg, "bad_reply", f"validation failed: {type(exc).__name__}: {exc}")
         g.replies[client] = Reply(client, msg.payload, msg.version)
+        if self._contributed_round.get(client) != self.round:
+            self._contributed_round[client] = self.round
+            self.contributions[client] = self.contributions.get(client, 0) + 1
         if self._complete(g) and not g.fut.done():
             g.fut.set_result(None)
 

@@ -24,7 +24,7 @@ JITTER_DISTRIBUTIONS = ("none", "normal", "lognormal", "pareto")
 LOSS_MODELS = ("bernoulli", "gilbert_elliott")
 STRAGGLER_DISTRIBUTIONS = ("none", "lognormal", "pareto", "trace")
 AVAILABILITY_MODELS = ("always", "exponential")
-ACTIONS = ("set_link", "partition", "heal", "crash", "restart", "slowdown", "loss_burst")
+ACTIONS = ("set_link", "partition", "heal", "crash", "restart", "slowdown", "loss_burst", "server_crash")
 DIRECTIONS = ("up", "down", "both")
 
 DEFAULT_UPLINK_BPS = 10e6
@@ -173,7 +173,7 @@ class Event:
     up: Mapping[str, Any] = field(default_factory=dict)
     down: Mapping[str, Any] = field(default_factory=dict)
     duration: float | None = None      # partition, slowdown, loss_burst
-    restart_after: float | None = None  # crash
+    restart_after: float | None = None  # crash, server_crash
     factor: float = 1.0                 # slowdown: compute time x factor
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -463,6 +463,7 @@ _EVENT_KEYS = {
     "restart": set(),
     "slowdown": {"factor", "duration"},
     "loss_burst": {"loss", "duration", "direction"},
+    "server_crash": {"restart_after"},
 }
 
 
@@ -482,7 +483,10 @@ def _parse_event(i: int, t: Any, n_clients: int, base_dir: pathlib.Path) -> Even
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise NetworkConfigError(f"{p}.at_round", v, "expected a round number >= 0")
         at_round = v
-    clients = tuple(parse_clients(t.get("clients", "all"), n_clients, f"{p}.clients"))
+    if action == "server_crash" and "clients" in t:
+        raise NetworkConfigError(f"{p}.clients", t["clients"], "server_crash takes no clients: the server restarts "
+                                 "from its last checkpoint after restart_after")
+    clients = () if action == "server_crash" else tuple(parse_clients(t.get("clients", "all"), n_clients, f"{p}.clients"))
     kw: dict[str, Any] = {}
     if action == "set_link":
         up, down = _link_fields(t, p, base_dir)

@@ -558,6 +558,11 @@ class Emulator:
             self._reschedule()
             return {"action": "crash", "clients": list(ev.clients), "index": ev.index, "round": round,
                     "restart_after": ev.restart_after, "t": self._sim(now)}
+        elif a == "server_crash":
+            # The network stays up; the runtime drops the server's memory and restores it
+            # from its last checkpoint after restart_after.
+            return {"action": "server_crash", "clients": [], "index": ev.index, "round": round,
+                    "restart_after": ev.restart_after or 0.0, "t": self._sim(now)}
         elif a == "restart":
             self._crashed.difference_update(ev.clients)
             return {"action": "restart", "clients": list(ev.clients), "index": ev.index, "round": round,

@@ -54,7 +54,7 @@ class Transport:
 
     def __init__(self, *, router: bool, address: str, identity: bytes | None = None,
                  context: zmq.Context | None = None, curve: CurveKeys | None = None,
-                 max_message_bytes: int = 256 * 1024 * 1024, hwm: int = 100_000):
+                 max_message_bytes: int = 256 * 1024 * 1024, hwm: int = 100_000, heartbeat_s: float | None = None):
         self.context = context or zmq.Context.instance()
         self.router = router
         self.address = address
@@ -65,6 +65,12 @@ class Transport:
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if router:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if heartbeat_s is not None:
+            # ZMTP heartbeats run in ZeroMQ's I/O thread: a peer busy computing still
+            # answers them, a dead host stops, and its connection is dropped after the timeout.
+            sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(heartbeat_s * 5000)))
+            sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(heartbeat_s * 5000)))
         if identity is not None:
             sock.setsockopt(zmq.IDENTITY, identity)
         if curve is not None:
@@ -87,6 +93,8 @@ class Transport:
         else:
             sock.connect(address)
         self.socket = sock
+        self.curve_server = router and curve is not None
+        self._user_ids: dict[bytes, str] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.on_message: Callable[[bytes, list], None] | None = None
         self._backlog: collections.deque = collections.deque()
@@ -122,6 +130,20 @@ class Transport:
             if len(self._backlog) == 1 and self.loop is not None:
                 self.loop.add_writer(self.socket.getsockopt(zmq.FD), self._flush)
         self._schedule_drain()
+
+    def user_id(self, peer: bytes) -> str | None:
+        """The CURVE public key (Z85) that ``peer``'s connection authenticated with, as the
+        ZAP handler reported it; None without CURVE."""
+        return self._user_ids.get(peer)
+
+    def _remember_user(self, peer: bytes, frame: zmq.Frame) -> None:
+        # ZAP binds a key to a connection, and a routing id to one connection: ask once.
+        if len(self._user_ids) >= 65536:
+            self._user_ids.clear()
+        try:
+            self._user_ids[peer] = frame.get("User-Id")
+        except zmq.ZMQError:
+            pass
 
     def _try_send(self, parts: list) -> bool:
         # ZeroMQ accepts or refuses a multipart message at its first frame, so EAGAIN can only
@@ -176,6 +198,8 @@ class Transport:
             except zmq.Again:
                 break
             parts = [frame.bytes]
+            if self.curve_server and parts[0] not in self._user_ids:
+                self._remember_user(parts[0], frame)
             while frame.more:
                 frame = recv(_NOBLOCK, copy=False)
                 parts.append(frame.bytes)

@@ -70,7 +70,7 @@ def test_garbage_to_live_server_is_rejected_and_run_finishes_unchanged():
     assert c.get("rejected_shape_mismatch") == 1
     assert c.get("rejected_oversized") == 1
     assert c.get("rejected_unknown_sender") == 1
-    assert c.get("rejected_route_conflict") == 1
+    assert c.get("rejected_ids_held") == 1  # a live session holds them
     assert c.get("rejected_short_header", 0) + c.get("rejected_bad_msgpack", 0) + c.get("rejected_checksum", 0) == 2
     rejects = [f for _, e, f in result.events.rows if e == "reject"]
     assert len(rejects) == 6 and all(r["detail"] for r in rejects)

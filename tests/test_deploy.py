@@ -22,7 +22,7 @@ def _join(address, clients, keys=None):
 
 @pytest.mark.parametrize("curve", [False, True])
 def test_server_and_two_client_processes_over_tcp(tmp_path, curve):
-    keys = make_keys(tmp_path / "keys") if curve else None
+    keys = make_keys(tmp_path / "keys", 1, n_clients=4) if curve else None
     procs = []
 
     def ready(address):
