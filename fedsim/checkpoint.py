@@ -47,6 +47,8 @@ def _tensor(t: torch.Tensor) -> dict:
 
 def to_plain(value: Any, path: str = "state") -> Any:
     """An msgpack-able tree for ``value`` (see the module docstring for what is allowed)."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**64:
+        return {"__bigint__": str(value)}  # a PCG64 generator's 128-bit state
     if value is None or isinstance(value, (bool, int, float, str, bytes)):
         return value
     if isinstance(value, torch.Tensor):
@@ -59,7 +61,7 @@ def to_plain(value: Any, path: str = "state") -> Any:
     if isinstance(value, torch.Generator):
         return {"__torch_generator__": _tensor(value.get_state())}
     if isinstance(value, np.random.Generator):
-        return {"__numpy_generator__": value.bit_generator.state}
+        return {"__numpy_generator__": to_plain(value.bit_generator.state, path)}
     if isinstance(value, list):
         return [to_plain(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, collections.deque):
@@ -94,6 +96,8 @@ def from_plain(value: Any) -> Any:
         return [from_plain(v) for v in value]
     if not isinstance(value, dict):
         return value
+    if "__bigint__" in value:
+        return int(value["__bigint__"])
     if "__tensor__" in value:
         dtype = _dtype(value["__tensor__"])
         raw = bytearray(value["data"])
@@ -106,7 +110,7 @@ def from_plain(value: Any) -> Any:
         g.set_state(from_plain(value["__torch_generator__"]))
         return g
     if "__numpy_generator__" in value:
-        state = value["__numpy_generator__"]
+        state = from_plain(value["__numpy_generator__"])
         bit_generator = getattr(np.random, state["bit_generator"])()
         bit_generator.state = state
         return np.random.Generator(bit_generator)

@@ -133,8 +133,8 @@ def serve(scenario: Scenario, bind: str, *, keys: str | Path | None = None, out_
         server.role.report_waiting = lambda kind, missing, waited: say(
             f"round {server.role.round + 1}: waiting {waited:.0f}s for {len(missing)} {kind!r} "
             f"repl{'y' if len(missing) == 1 else 'ies'} (clients {format_clients(missing)})")
-        server.node.on_join = lambda clients, rejoin: say(
-            f"{'rejoined' if rejoin else 'joined'}: clients {format_clients(clients)}")
+        server.node.on_join = lambda clients, rejoin: (server.role.joined(clients, rejoin), say(
+            f"{'rejoined' if rejoin else 'joined'}: clients {format_clients(clients)}"))
         server.node.on_dead = lambda clients: (server.role.forget(clients), say(
             f"no sign of life for {run.peer_timeout:g}s: clients {format_clients(clients)} are gone; not waiting for them"))
         if ready is not None:
@@ -168,6 +168,7 @@ def serve(scenario: Scenario, bind: str, *, keys: str | Path | None = None, out_
     result.summary["interrupted"] = server.stop_requested and server.next_round < run.rounds
     result.summary["restarts"] = server.restarts
     result.summary["contributions"] = {str(c): n for c, n in sorted(server.role.contributions.items())}
+    result.summary["rejoin_lag_rounds"] = server.role.rejoin_lags
     if out_dir is not None:
         result.write(Path(out_dir))
     if failure is not None:
@@ -255,6 +256,7 @@ def join(scenario: Scenario, connect: str, client_ids: list[int], *, keys: str |
         node.on_unknown = lambda: say("the server does not know this session (it restarted): saying hello again")
 
         async def main() -> None:
+            say(f"connecting to {connect} as clients {format_clients(client_ids)} (session {session})")
             side.start()
             start = last_contact = loop.time()
             next_hello, backoff, was_welcomed = start + run.heartbeat, run.heartbeat, False

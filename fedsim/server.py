@@ -38,6 +38,9 @@ class ServerRole(Actor):
         self.contributions: dict[int, int] = {}
         """Client id -> rounds in which the server accepted at least one of its replies."""
         self._contributed_round: dict[int, int] = {}
+        self._rejoined_at: dict[int, int] = {}
+        self.rejoin_lags: list[int] = []
+        """Rounds from each rejoin to that client's next accepted reply."""
         self.report_waiting: Callable[[str, list[int], float], None] | None = None
         """Called every ``report_every_s`` seconds while a gather waits: (kind, missing, waited)."""
         self.report_every_s = 5.0
@@ -106,6 +109,12 @@ class ServerRole(Actor):
                 self._report_handle = loop.call_later(self.report_every_s, report)
         self._report_handle = loop.call_later(self.report_every_s, report)
 
+    def joined(self, clients: list[int], rejoin: bool) -> None:
+        """A client node said hello; a rejoin's lag to its next contribution is measured."""
+        if rejoin:
+            for c in clients:
+                self._rejoined_at[c] = max(self.round, 0)
+
     def forget(self, clients: list[int]) -> None:
         """Clients whose node died: the open gather stops waiting for them at once."""
         g = self._gather
@@ -156,6 +165,8 @@ class ServerRole(Actor):
         if self._contributed_round.get(client) != self.round:
             self._contributed_round[client] = self.round
             self.contributions[client] = self.contributions.get(client, 0) + 1
+            if client in self._rejoined_at:
+                self.rejoin_lags.append(self.round - self._rejoined_at.pop(client))
         if self._complete(g) and not g.fut.done():
             g.fut.set_result(None)
 

@@ -1,0 +1,119 @@
+"""Deployments that survive, with real processes on 127.0.0.1: ``kill -9`` of the server
+and ``serve --resume`` (same model bytes as a run never interrupted), ``kill -9`` of a join
+(the server goes on; the same command rejoins and contributes again), keys bound to ids."""
+import json
+
+import pytest
+
+from algorithms import algorithm_names
+from fedsim.identity import make_keys
+from fedsim.runner import run
+from fedsim.scenario import load_scenario
+
+from procs import Fedsim, free_port, reap
+
+pytestmark = pytest.mark.realtime
+
+
+def _sets(overrides):
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def _overrides(algorithm, rounds, latency="60ms", extra=()):
+    out = [f"algorithm.name={algorithm}", f"run.rounds={rounds}", "data.clients=4", f"network.latency={latency}",
+           "run.heartbeat=0.25s", "run.peer_timeout=1.5s"]
+    if algorithm == "fedavg":
+        out.append("algorithm.local_epochs=1")
+    return out + list(extra)
+
+
+@pytest.mark.parametrize("algorithm", algorithm_names())
+def test_kill9_server_then_resume_gives_the_uninterrupted_model(tmp_path, algorithm):
+    rounds = 6
+    overrides = _overrides(algorithm, rounds)
+    reference = run(load_scenario(None, overrides)).summary["model_sha256"]  # virtual time, never interrupted
+    address = f"tcp://127.0.0.1:{free_port()}"
+    out = tmp_path / "run"
+    serve_args = ("serve", "--bind", address, "--out", str(out), "--wait", "60", *_sets(overrides))
+    server = Fedsim(*serve_args)
+    joins = [Fedsim("join", "--connect", address, "--clients", ids, "--wait", "60", *_sets(overrides))
+             for ids in ("0-1", "2-3")]
+    resumed = None
+    try:
+        server.wait_for(r"round 2/6", 90)
+        server.kill()  # kill -9: no farewell, no final write
+        assert not (out / "summary.json").exists()
+        assert (out / "checkpoint.msgpack").exists()
+        resumed = Fedsim(*serve_args, "--resume")
+        assert resumed.wait(120) == 0, resumed.output
+        for j in joins:
+            assert j.wait(60) == 0, j.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == rounds
+        assert summary["restarts"] == 1
+        assert summary["model_sha256"] == reference, (resumed.output, [j.output for j in joins])
+        assert "resuming after round" in resumed.output
+    finally:
+        reap(server, *joins, *([resumed] if resumed else []))
+
+
+@pytest.mark.parametrize("algorithm", ["qrr", "powersgd"])
+def test_kill9_join_server_goes_on_and_the_same_command_rejoins(tmp_path, algorithm):
+    rounds = 24
+    overrides = _overrides(algorithm, rounds, latency="40ms")
+    address = f"tcp://127.0.0.1:{free_port()}"
+    out = tmp_path / "run"
+    server = Fedsim("serve", "--bind", address, "--out", str(out), "--wait", "60", *_sets(overrides))
+    join_args = ("join", "--connect", address, "--clients", "2-3", "--wait", "60", *_sets(overrides))
+    stay = Fedsim("join", "--connect", address, "--clients", "0-1", "--wait", "60", *_sets(overrides))
+    victim = Fedsim(*join_args)
+    again = None
+    try:
+        server.wait_for(r"round 3/24", 90)
+        victim.kill()
+        # no round deadline is set: without liveness the server would wait run.max_wait (an hour)
+        server.wait_for(r"clients 2-3 are gone", 15)
+        again = Fedsim(*join_args)
+        server.wait_for(r"rejoined: clients 2-3", 60)
+        assert server.wait(120) == 0, server.output
+        assert again.wait(30) == 0 and stay.wait(30) == 0, (again.output, stay.output)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == rounds
+        counters = summary["counters"]
+        assert counters["absent_clients"] > 0 and counters["peer_dead"] == 1 and counters["rejoin"] >= 1
+        assert counters.get("duplicate", 0) == 0  # the restarted process's ids are a new session's
+        lags = summary["rejoin_lag_rounds"]
+        assert lags and max(lags) <= 2, lags
+        assert 0 < summary["contributions"]["2"] < rounds and summary["contributions"]["0"] == rounds
+        assert "contributed to" in again.output
+    finally:
+        reap(server, stay, victim, *([again] if again else []))
+
+
+def test_keys_are_bound_to_ids(tmp_path):
+    overrides = _overrides("fedavg", 3)
+    keys = make_keys(tmp_path / "keys", 2, n_clients=4)  # client-0: 0-1, client-1: 2-3
+    stranger = make_keys(tmp_path / "stranger", 1, n_clients=4)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = Fedsim("serve", "--bind", address, "--keys", str(keys), "--out", str(tmp_path / "run"), "--wait", "90",
+                    *_sets(overrides))
+    common = ("--connect", address, "--wait", "30", *_sets(overrides))
+    impostor = Fedsim("join", "--clients", "0-1", "--keys", str(keys), "--key-name", "client-1", *common)
+    unknown = Fedsim("join", "--clients", "0-1", "--keys", str(stranger), "--key-name", "client-0", *common)
+    rightful = []
+    try:
+        # each has 10 s from when it starts connecting (process start-up is not the server's doing)
+        impostor.wait_for(r"connecting to", 60)
+        assert impostor.wait(10) == 1
+        assert "not bound to this key" in impostor.output and "Traceback" not in impostor.output
+        unknown.wait_for(r"connecting to", 60)
+        assert unknown.wait(10) == 1
+        assert "authentication failed" in unknown.output and "Traceback" not in unknown.output
+        rightful = [Fedsim("join", "--clients", ids, "--keys", str(keys), "--key-name", name, *common)
+                    for ids, name in (("0-1", "client-0"), ("2-3", "client-1"))]
+        assert server.wait(120) == 0, server.output
+        assert all(j.wait(30) == 0 for j in rightful)
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["rounds"] == 3 and summary["counters"]["rejected_not_authorized"] >= 1
+    finally:
+        reap(server, impostor, unknown, *rightful)
