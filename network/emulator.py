@@ -535,7 +535,8 @@ class Emulator:
             w = conn.window
             p = self.loss_rate(direction, client)
             if conn.round_start > -math.inf:
-                q = w.on_round(conn.sent, p, now, rtt, 2.0 * conn.rate * rtt / self._seg_bits)
+                ceiling = 2.0 * conn.rate * rtt / self._seg_bits if rtt > 0 and conn.rate < math.inf else math.inf
+                q = w.on_round(conn.sent, p, now, rtt, ceiling)
                 conn.sent, conn.credit = 0.0, 0.0
                 if q > 0:       # a timeout (share q) holds everything until the RTO fires
                     resume = conn.round_start + rtt + q * max(0.0, self._rto(client) - rtt)

@@ -215,7 +215,9 @@ class TcpWindow:
             if self.cwnd < self.ssthresh:
                 # Detected a round trip after the loss: slow start grew the window meanwhile.
                 self.cwnd = min(self.cwnd + sent, max(ceiling, self.cwnd))
-            q = self.timeout_probability()
+            # Mid-stream, SACK and limited transmit repair a loss by fast retransmit unless
+            # the window is too small for three duplicate ACKs: then it is a timeout.
+            q = 1.0 if self.cwnd < 4.0 else 0.0
             beta = CUBIC_BETA if self.congestion == "cubic" else RENO_BETA
             if self.congestion == "cubic" and self.cwnd < self.w_max:
                 self.w_max = self.cwnd * (1.0 + beta) / 2.0   # fast convergence

@@ -186,7 +186,9 @@ def test_window_steps_by_hand():
     assert w.on_round(20, 0.0, 0.2, 0.1) == 0.0 and w.cwnd == 21        # Reno: +1 per round trip
     w.acc = 0.9
     q = w.on_round(21, 0.01, 0.3, 0.1)                                  # 0.21 more: a loss event
-    assert w.cwnd == 10.5 and w.ssthresh == 10.5 and q == pytest.approx(3 / 21)
+    assert w.cwnd == 10.5 and w.ssthresh == 10.5 and q == 0.0                # fast retransmit
+    w.cwnd, w.ssthresh, w.acc = 3.0, 2.0, 0.99
+    assert w.on_round(3, 0.01, 0.4, 0.1) == 1.0 and w.cwnd == 2.0          # too few dupacks: a timeout
     c = TcpWindow(10, "cubic")
     c.cwnd, c.ssthresh, c.acc = 100.0, 50.0, 0.99
     c.on_round(100, 0.001, 1.0, 0.1)
