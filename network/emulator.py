@@ -485,6 +485,22 @@ class Emulator:
             raise ValueError(f"security mechanism must be one of {', '.join(HANDSHAKE_RTTS)}, got {mechanism!r}")
         self._handshake = HANDSHAKE_RTTS[mechanism]
 
+    def reset_connections(self, clients: "list[int] | None" = None) -> None:
+        """Forget the TCP connections of ``clients`` (all if None): their next message opens
+        a new one (handshake, initial window). Partitions, crashes and going offline do this
+        themselves; a runtime-level reconnect (a restarted server, a rejoining process) calls
+        it. Messages in flight are not touched."""
+        for c in range(self.n) if clients is None else clients:
+            self._ready.pop(c, None)
+            for d in DIRECTIONS:
+                conn = self._conns.get((d, c))
+                if conn is not None and not conn.queue:
+                    del self._conns[(d, c)]
+                elif conn is not None:
+                    # a message still queued keeps its connection object; only its window restarts
+                    tcp = self.config.tcp
+                    conn.window = TcpWindow(tcp.initial_window, tcp.congestion, tcp.b, tcp.max_window / tcp.mss)
+
     def wire_bytes(self, nbytes: int) -> int:
         """Bytes a message of ``nbytes`` application bytes puts on the wire: under TCP one
         ``network.tcp`` header (52 B: IPv4, TCP, timestamps) per segment of ``mss`` payload

@@ -117,6 +117,19 @@ def test_new_connection_after_partition_pays_the_handshake_again():
     assert [t1 - t0 for t0, t1 in got] == pytest.approx([2 * R + seg + L, seg + L, 2 * R + seg + L], rel=REL)
 
 
+def test_reset_connections_makes_the_next_message_pay_the_handshake():
+    em, clock, _ = make(FAST, n=2, security="curve")
+    got: list = []
+    send(em, clock, 100, got)
+    clock.run()
+    em.reset_connections([0])
+    clock.call_at(1.0, lambda: send(em, clock, 100, got))
+    clock.call_at(1.0, lambda: send(em, clock, 100, got, client=1))
+    clock.run()
+    seg = (100 + HDR) * 8 / B
+    assert [t1 - t0 for t0, t1 in got] == pytest.approx([4 * R + seg + L] * 3, rel=REL)
+
+
 def test_headers_count_on_the_wire_not_in_reported_bytes():
     em, clock, log = make({"uplink": "10Mbps", "latency": 0})
     assert em.wire_bytes(0) == HDR and em.wire_bytes(MSS) == MSS + HDR and em.wire_bytes(MSS + 1) == MSS + 1 + 2 * HDR
