@@ -31,7 +31,12 @@ DEFAULT_UPLINK_BPS = 10e6
 DEFAULT_DOWNLINK_BPS = 50e6
 DEFAULT_LATENCY_S = 0.020
 DEFAULT_MTU_BYTES = 1500
-TCP_IP_HEADER_BYTES = 40          # IPv4 + TCP without options: MSS = MTU - 40
+TCP_IP_HEADER_BYTES = 40          # IPv4 + TCP without options: MSS = MTU - 40 (datagram packets)
+# What Linux puts in front of every TCP segment: 20 B IPv4 + 20 B TCP + 12 B timestamp option
+# (on by default), so a 1500-byte MTU carries 1448 payload bytes per segment.
+TCP_SEGMENT_HEADER_BYTES = 52
+CONGESTION_CONTROLS = ("cubic", "reno")
+DEFAULT_INITIAL_WINDOW = 10       # segments (Linux, RFC 6928)
 DEFAULT_SPEED_FLOPS = 1e9         # a modest device: 1 GFLOP/s sustained in training
 
 
@@ -124,12 +129,22 @@ class Link:
 
 @dataclass(frozen=True)
 class Tcp:
-    """Parameters of the TCP throughput model. ``min_rto`` seconds; ``max_window`` bytes
-    (receive window; inf = none); ``b`` packets acknowledged per ACK (2 with delayed ACKs)."""
+    """Parameters of the TCP model. ``min_rto`` seconds; ``max_window`` bytes (receive
+    window; inf = none); ``b`` packets acknowledged per ACK (2 with delayed ACKs); ``mss``
+    payload bytes per segment; ``initial_window`` segments; ``slow_start_after_idle``: the
+    window restarts (halved per RTO of idleness, down to the initial window) after an idle
+    period longer than the RTO, as Linux's ``net.ipv4.tcp_slow_start_after_idle = 1``;
+    ``congestion``: ``"cubic"`` (Linux's default) or ``"reno"``; ``header``: TCP/IP bytes
+    per segment on the wire (not counted in the bytes a run reports)."""
 
     min_rto: float = 0.2
     max_window: float = math.inf
     b: int = 1
+    mss: int = DEFAULT_MTU_BYTES - TCP_SEGMENT_HEADER_BYTES
+    initial_window: int = DEFAULT_INITIAL_WINDOW
+    slow_start_after_idle: bool = True
+    congestion: str = "cubic"
+    header: int = TCP_SEGMENT_HEADER_BYTES
 
 
 @dataclass(frozen=True)
@@ -196,8 +211,9 @@ class NetworkConfig:
 
     @property
     def mss(self) -> int:
-        """Payload bytes per packet."""
-        return self.mtu - TCP_IP_HEADER_BYTES
+        """Payload bytes per packet: ``tcp.mss`` under TCP (MTU - 52 by default), MTU - 40
+        for datagrams."""
+        return self.tcp.mss if self.transport == "tcp" else self.mtu - TCP_IP_HEADER_BYTES
 
     def link(self, client: int, direction: str) -> Link:
         return self.uplinks[client] if direction == "up" else self.downlinks[client]
@@ -509,6 +525,43 @@ def _parse_event(i: int, t: Any, n_clients: int, base_dir: pathlib.Path) -> Even
     return Event(i, action, clients, at=at, at_round=at_round, raw=dict(t), **kw)
 
 
+def _parse_tcp(t: Mapping[str, Any], mtu: int, transport: str) -> Tcp:
+    p = "network.tcp"
+    _check_keys(t, {"min_rto", "max_window", "delayed_ack", "mss", "initial_window", "slow_start_after_idle",
+                    "congestion"}, p)
+    flags = {}
+    for k, default in (("delayed_ack", False), ("slow_start_after_idle", True)):
+        v = t.get(k, default)
+        if not isinstance(v, bool):
+            raise NetworkConfigError(f"{p}.{k}", v, "expected true or false")
+        flags[k] = v
+    room = mtu - TCP_SEGMENT_HEADER_BYTES
+    if room < 1 and transport == "tcp":
+        raise NetworkConfigError("network.mtu", mtu, f"must exceed the {TCP_SEGMENT_HEADER_BYTES}-byte TCP/IP "
+                                 "header (with timestamps) under transport = \"tcp\"")
+    mss = max(1, room)
+    if "mss" in t:
+        mss = parse_size(t["mss"], f"{p}.mss")
+        if mss < 1:
+            raise NetworkConfigError(f"{p}.mss", t["mss"], "must be at least 1 byte")
+        if mss > max(1, room):
+            raise NetworkConfigError(f"{p}.mss", t["mss"], f"exceeds network.mtu - {TCP_SEGMENT_HEADER_BYTES} "
+                                     f"= {room} bytes (the TCP/IP header with timestamps takes "
+                                     f"{TCP_SEGMENT_HEADER_BYTES})")
+    iw = t.get("initial_window", DEFAULT_INITIAL_WINDOW)
+    if isinstance(iw, bool) or not isinstance(iw, int) or not 1 <= iw <= 1000:
+        raise NetworkConfigError(f"{p}.initial_window", iw, "expected a whole number of segments in 1..1000")
+    congestion = _choice(t.get("congestion", "cubic"), f"{p}.congestion", CONGESTION_CONTROLS,
+                         {"newreno": "reno"})
+    max_window = math.inf
+    if "max_window" in t:
+        max_window = float(parse_size(t["max_window"], f"{p}.max_window"))
+        if max_window < mss:
+            raise NetworkConfigError(f"{p}.max_window", t["max_window"], f"must hold at least one segment ({mss} B)")
+    return Tcp(parse_duration(t.get("min_rto", 0.2), f"{p}.min_rto"), max_window, 2 if flags["delayed_ack"] else 1,
+               int(mss), iw, flags["slow_start_after_idle"], congestion)
+
+
 def parse_network(sections: Mapping[str, Any], n_clients: int, base_dir: pathlib.Path) -> NetworkConfig:
     """Parse the ``network``, ``stragglers``, ``availability`` and ``events`` sections.
 
@@ -559,14 +612,7 @@ def parse_network(sections: Mapping[str, Any], n_clients: int, base_dir: pathlib
     if mtu <= TCP_IP_HEADER_BYTES:
         raise NetworkConfigError("network.mtu", net.get("mtu"), f"must exceed the {TCP_IP_HEADER_BYTES}-byte TCP/IP header")
 
-    tcp_t = _table(net.get("tcp"), "network.tcp")
-    _check_keys(tcp_t, {"min_rto", "max_window", "delayed_ack"}, "network.tcp")
-    delayed = tcp_t.get("delayed_ack", False)
-    if not isinstance(delayed, bool):
-        raise NetworkConfigError("network.tcp.delayed_ack", delayed, "expected true or false")
-    tcp = Tcp(parse_duration(tcp_t.get("min_rto", 0.2), "network.tcp.min_rto"),
-              float(parse_size(tcp_t["max_window"], "network.tcp.max_window")) if "max_window" in tcp_t else math.inf,
-              2 if delayed else 1)
+    tcp = _parse_tcp(_table(net.get("tcp"), "network.tcp"), mtu, transport)
 
     stragglers = _parse_stragglers(_table(sections.get("stragglers"), "stragglers"), base_dir, n_clients)
     availability = _parse_availability(_table(sections.get("availability"), "availability"), n_clients)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -28,8 +29,8 @@ import numpy as np
 
 from .config import Event, Link, Loss, NetworkConfig, Trace
 from .fluid import FluidNetwork
-from .models import (GilbertElliott, device_speeds, p_intact, packets, padhye_rate, sample_jitter,
-                     tcp_rto)
+from .models import (GilbertElliott, TcpWindow, cubic_rate, device_speeds, p_intact, packets, padhye_rate,
+                     sample_jitter, tcp_rto)
 from .units import format_clients
 
 DIRECTIONS = ("up", "down")
@@ -39,6 +40,10 @@ DIRECTIONS = ("up", "down")
 _LOSS, _JITTER, _DUP, _CORRUPT, _AVAIL, _SPEED, _NOISE = range(1, 8)
 # Agenda classes: at equal times, state changes run before completions before deliveries.
 _STATE, _FLOW, _DELIVER = 0, 1, 2
+# Round trips a new connection costs before its first message's first byte leaves: TCP's
+# SYN / SYN-ACK; ZMTP's greeting and READY exchange on top (NULL mechanism); CURVE's
+# HELLO / WELCOME and INITIATE / READY on top of that.
+HANDSHAKE_RTTS = {"tcp": 1, "null": 2, "curve": 4}
 
 
 class Clock(Protocol):
@@ -101,6 +106,36 @@ class _Transfer:
     duplicate: bool
     corrupt: tuple[bool, bool]
     delays: tuple[float, float]   # latency + jitter of each copy, seconds (>= 0)
+    bits: float = 0.0             # tcp: wire bits (payload + headers) not yet handed to a chunk
+    chunk: float = 0.0            # tcp: bits of its chunk in the fluid model now
+    conn: "_Conn | None" = None   # tcp: the connection direction it travels on
+
+
+class _Conn:
+    """One direction of a client's TCP connection: the sender's congestion window, the round
+    trip in progress, and the messages waiting (one byte stream: sent one after the other).
+
+    A round starts with a *credit* of ``cwnd`` segments; the head message sends a chunk of
+    at most that credit as a fluid flow at its fair share; when the credit is spent the
+    connection waits for the round's ACKs (``round_start + RTT``), then the window grows
+    (or shrinks on a loss event) and the next round starts."""
+
+    __slots__ = ("key", "window", "queue", "round_start", "credit", "sent", "last_send", "active", "wake",
+                 "lossy", "rate", "chunk_start")
+
+    def __init__(self, key: tuple[str, int], window: TcpWindow):
+        self.key = key
+        self.window = window
+        self.queue: deque[_Transfer] = deque()
+        self.round_start = -math.inf
+        self.credit = 0.0          # wire bits the window still allows in this round
+        self.sent = 0.0            # segments sent in this round
+        self.last_send = -math.inf
+        self.active = False        # a chunk in the fluid model, or a wake-up pending
+        self.wake: float | None = None
+        self.lossy = False
+        self.rate = math.inf       # bits/s the last chunk averaged (its share of the path)
+        self.chunk_start = 0.0
 
 
 class Emulator:
@@ -143,6 +178,14 @@ class Emulator:
         self._pending_runtime: list[dict] = []
         self._trace_gen: dict[tuple[str, int], int] = {}
         self._batch_pending = False
+        # TCP: per (direction, client) the sender's connection state; per client the time its
+        # connection is set up (absent: none yet, the next message opens one).
+        self._conns: dict[tuple[str, int], _Conn] = {}
+        self._ready: dict[int, float] = {}
+        self._handshake = HANDSHAKE_RTTS["null"]
+        self._wakes: dict[float, list[_Conn]] = {}
+        self._opening: list[_Transfer] = []
+        self._seg_bits = 8.0 * (config.tcp.mss + config.tcp.header)
 
         self._fluid.set_capacity(("server", "up"), config.server_uplink)
         self._fluid.set_capacity(("server", "down"), config.server_downlink)
@@ -175,11 +218,25 @@ class Emulator:
         return t - self.t0
 
     def _sync(self, now: float) -> None:
-        """Bring the fluid model to ``now``, finishing the flows that completed on the way."""
-        for fid, tc in self._fluid.advance(now):
-            self._complete(fid, tc)
+        """Bring the fluid model to ``now``, finishing the flows that completed on the way.
+        Under TCP a completion may start the connection's next chunk at that very instant,
+        so the model is advanced one completion time at a time."""
+        fluid = self._fluid
+        if not self._conns:
+            for fid, tc in fluid.advance(now):
+                self._complete(fid, tc)
+            return
+        while True:
+            nxt = fluid.next_completion()
+            if nxt is None or nxt > now:
+                fluid.advance(now)
+                return
+            for fid, tc in fluid.advance(nxt):
+                self._complete(fid, tc)
 
     def _reschedule(self) -> None:
+        if self._opening:
+            self._open_windows()
         nxt = self._fluid.next_completion()
         self._fluid_gen += 1
         if nxt is not None:
@@ -215,8 +272,11 @@ class Emulator:
         return 1.0 - (1.0 - base.rate) * (1.0 - extra)
 
     def tcp_cap(self, direction: str, client: int) -> float:
-        """TCP throughput limit (bits/s) of a flow on this link: Padhye's model with the
-        link's loss rate and the round trip over both of the client's links.
+        """Long-run TCP throughput (bits/s) of a flow on this link: the response function of
+        ``network.tcp.congestion`` (CUBIC's, or Padhye's for Reno) at the link's loss rate and
+        the round trip over both of the client's links. The transfer model does not cap flows
+        with it: the per-round window (:class:`network.models.TcpWindow`) converges to it on
+        long transfers, and this is its closed form (reported, and checked by the tests).
 
         Cached per link (cleared by :meth:`_refresh_caps` when a set_link or a burst
         changes the client's links) and shared between clients whose two links are the
@@ -244,16 +304,26 @@ class Emulator:
         return cap
 
     def _padhye_cap(self, direction: str, client: int) -> float:
-        """Padhye's rate (5) for the link as it is now, evaluated afresh."""
+        """The response function for the link as it is now, evaluated afresh: CUBIC's
+        (RFC 8312 section 5.1, with its Reno-friendly region) or Padhye's (5) for Reno."""
         if self.config.transport != "tcp":
             return math.inf
         data = self._links[direction][client]
         ack = self._links["down" if direction == "up" else "up"][client]
         rtt = data.latency + ack.latency
-        std = math.hypot(data.jitter.std, ack.jitter.std)
         tcp = self.config.tcp
-        return padhye_rate(self.config.mss, rtt, self.loss_rate(direction, client),
-                           tcp_rto(tcp.min_rto, rtt, std), tcp.b, tcp.max_window)
+        p = self.loss_rate(direction, client)
+        if tcp.congestion == "cubic":
+            return cubic_rate(tcp.mss, rtt, p, tcp.max_window)
+        return padhye_rate(tcp.mss, rtt, p, self._rto(client), tcp.b, tcp.max_window)
+
+    def rtt(self, client: int) -> float:
+        """Propagation round trip of the client's connection, seconds: both links' latency."""
+        return self._links["up"][client].latency + self._links["down"][client].latency
+
+    def _rto(self, client: int) -> float:
+        up, down = self._links["up"][client], self._links["down"][client]
+        return tcp_rto(self.config.tcp.min_rto, up.latency + down.latency, math.hypot(up.jitter.std, down.jitter.std))
 
     def _apply_bandwidth(self, direction: str, client: int) -> None:
         bw = self._links[direction][client].bandwidth
@@ -295,9 +365,7 @@ class Emulator:
             else:
                 self._extra.pop(key, None)
             self._caps.pop(key, None)
-        for fid in self._by_client.get(client, ()):
-            tr = self._transfers[fid]
-            self._fluid.set_cap(fid, self.tcp_cap(tr.direction, client))
+        # Flows in progress need nothing more: the TCP window reads the loss rate each round.
 
     # ------------------------------------------------------------------ reachability
     def is_online(self, client: int) -> bool:
@@ -318,10 +386,15 @@ class Emulator:
         """A client went down: every message it is sending or receiving is lost."""
         fids = sorted(self._by_client.get(client, ()))
         for fid in fids:
-            self._fluid.remove(fid)
+            if fid in self._fluid.flows:    # (a TCP message may be between two chunks, or queued)
+                self._fluid.remove(fid)
             tr = self._transfers.pop(fid)
             self.log("drop", direction=tr.direction, client=client, nbytes=tr.nbytes, reason=reason, tid=fid)
         self._by_client.pop(client, None)
+        # The connection is gone: the next message opens a new one (handshake, initial window).
+        for d in DIRECTIONS:
+            self._conns.pop((d, client), None)
+        self._ready.pop(client, None)
 
     # ------------------------------------------------------------------ transfers
     def transfer(self, direction: str, client: int, nbytes: int, deliver: Callable[[bool], None]) -> None:
@@ -374,8 +447,21 @@ class Emulator:
         tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup, cor, delays)
         self._transfers[tid] = tr
         self._by_client.setdefault(client, set()).add(tid)
-        server = ("server", "down") if direction == "up" else ("server", "up")
-        self._fluid.add(tid, 8.0 * nbytes, ((direction, client), server), self.tcp_cap(direction, client))
+        if self.config.transport == "tcp":
+            tr.bits = 8.0 * self.wire_bytes(nbytes)
+            conn = tr.conn = self._conns.get((direction, client)) or self._new_conn(direction, client)
+            conn.queue.append(tr)
+            if not conn.active:
+                ready = self._ready.get(client)
+                if ready is None:
+                    ready = self._ready[client] = now + self._handshake * self.rtt(client)
+                if ready > now:
+                    self._sleep(conn, ready)
+                else:
+                    self._pump(conn, now)
+        else:
+            server = ("server", "down") if direction == "up" else ("server", "up")
+            self._fluid.add(tid, 8.0 * nbytes, ((direction, client), server))
         if not self._batch_pending:
             # A broadcast is N transfer() calls in a row: recompute the sharing once for all
             # of them, in one agenda entry at this instant, not N times. Under a wall clock
@@ -389,12 +475,158 @@ class Emulator:
         self._sync(self._now())
         self._reschedule()
 
+    # ------------------------------------------------------------------ tcp
+    def set_security(self, mechanism: str) -> None:
+        """How connections are set up, for the round trips a new one costs before its first
+        message's first byte leaves: ``"tcp"`` (a bare TCP connection: 1 RTT), ``"null"``
+        (ZeroMQ's ZMTP greeting and NULL handshake on top: 2 RTT, the default), ``"curve"``
+        (ZMTP with CURVE, when keys are in use: 4 RTT). Applies to connections opened later."""
+        if mechanism not in HANDSHAKE_RTTS:
+            raise ValueError(f"security mechanism must be one of {', '.join(HANDSHAKE_RTTS)}, got {mechanism!r}")
+        self._handshake = HANDSHAKE_RTTS[mechanism]
+
+    def reset_connections(self, clients: "list[int] | None" = None) -> None:
+        """Forget the TCP connections of ``clients`` (all if None): their next message opens
+        a new one (handshake, initial window). Partitions, crashes and going offline do this
+        themselves; a runtime-level reconnect (a restarted server, a rejoining process) calls
+        it. Messages in flight are not touched."""
+        for c in range(self.n) if clients is None else clients:
+            self._ready.pop(c, None)
+            for d in DIRECTIONS:
+                conn = self._conns.get((d, c))
+                if conn is not None and not conn.queue:
+                    del self._conns[(d, c)]
+                elif conn is not None:
+                    # a message still queued keeps its connection object; only its window restarts
+                    tcp = self.config.tcp
+                    conn.window = TcpWindow(tcp.initial_window, tcp.congestion, tcp.b, tcp.max_window / tcp.mss)
+
+    def wire_bytes(self, nbytes: int) -> int:
+        """Bytes a message of ``nbytes`` application bytes puts on the wire: under TCP one
+        ``network.tcp`` header (52 B: IPv4, TCP, timestamps) per segment of ``mss`` payload
+        bytes, at least one segment. Logged and reported sizes stay ``nbytes``."""
+        if self.config.transport != "tcp":
+            return int(nbytes)
+        tcp = self.config.tcp
+        return int(nbytes) + tcp.header * packets(nbytes, tcp.mss)
+
+    def _new_conn(self, direction: str, client: int) -> _Conn:
+        tcp = self.config.tcp
+        conn = self._conns[(direction, client)] = _Conn(
+            (direction, client), TcpWindow(tcp.initial_window, tcp.congestion, tcp.b, tcp.max_window / tcp.mss))
+        return conn
+
+    def _sleep(self, conn: _Conn, t: float) -> None:
+        """Wake the connection at ``t`` (end of its handshake, of a round trip, of an RTO).
+        Connections waking at the same instant share one agenda entry."""
+        conn.active, conn.wake = True, t
+        waiting = self._wakes.get(t)
+        if waiting is None:
+            waiting = self._wakes[t] = []
+            self._agenda.at(t, _FLOW, 0, self._on_wake)
+        waiting.append(conn)
+
+    def _on_wake(self, t: float) -> None:
+        self._floor = max(self._floor, t)
+        self._sync(t)
+        for conn in self._wakes.pop(t, ()):
+            if self._conns.get(conn.key) is conn and conn.wake == t:
+                conn.wake = None
+                self._pump(conn, t)
+        self._reschedule()
+
+    def _pump(self, conn: _Conn, now: float) -> None:
+        """Hand the connection's head message its next chunk, starting a round trip if the
+        last one's credit is spent (after its ACKs are back) or it is over."""
+        conn.active = False
+        if not conn.queue:
+            return
+        direction, client = conn.key
+        rtt = self.rtt(client)
+        due = conn.round_start + rtt
+        if conn.credit < 1.0 or now >= due:
+            if now < due:
+                self._sleep(conn, due)      # the window is spent: wait for the round's ACKs
+                return
+            w = conn.window
+            p = self.loss_rate(direction, client)
+            if conn.round_start > -math.inf:
+                ceiling = 2.0 * conn.rate * rtt / self._seg_bits if rtt > 0 and conn.rate < math.inf else math.inf
+                q = w.on_round(conn.sent, p, now, rtt, ceiling)
+                conn.sent, conn.credit = 0.0, 0.0
+                if q > 0:       # a timeout (share q) holds everything until the RTO fires
+                    resume = conn.round_start + rtt + q * max(0.0, self._rto(client) - rtt)
+                    conn.round_start = resume - rtt
+                    if now < resume:
+                        self._sleep(conn, resume)
+                        return
+            if self.config.tcp.slow_start_after_idle and conn.last_send > -math.inf:
+                w.restart_after_idle(now - conn.last_send, self._rto(client))
+            conn.round_start = now
+            conn.credit = w.cwnd * self._seg_bits
+            conn.lossy = p > 0
+        tr = conn.queue[0]
+        bits = tr.bits if tr.bits - conn.credit < 8.0 else conn.credit
+        tr.chunk = bits
+        server = ("server", "down") if direction == "up" else ("server", "up")
+        self._fluid.add(tr.tid, bits, ((direction, client), server))
+        conn.chunk_start = now
+        conn.active = True
+        if bits < tr.bits and not conn.lossy:
+            self._opening.append(tr)
+
+    def _open_windows(self) -> None:
+        """Chunks that started at this instant on loss-free links: once the window covers
+        the bandwidth-delay product at the flow's fair share, it no longer binds (slow start
+        keeps it ahead of the ACK clock), so the rest of the message joins the chunk: one
+        flow instead of one per round trip."""
+        fluid = self._fluid
+        for tr in self._opening:
+            conn = tr.conn
+            if tr.tid not in fluid.flows or self._transfers.get(tr.tid) is not tr or conn is None:
+                continue
+            x = fluid.rate(tr.tid)
+            if conn.window.cwnd * self._seg_bits >= x * self.rtt(tr.client):
+                extra = tr.bits - tr.chunk
+                if extra > 0:
+                    fluid.grow(tr.tid, extra)
+                    tr.chunk += extra
+                    conn.credit += extra
+        self._opening.clear()
+
     def _complete(self, tid: int, tc: float) -> None:
-        """The last bit of a message left the bottleneck at ``tc``."""
-        tr = self._transfers.pop(tid, None)
+        """The last bit of a message (under TCP: of a chunk) left the bottleneck at ``tc``."""
+        tr = self._transfers.get(tid)
         if tr is None:
             return
+        conn = tr.conn
+        done = tc
+        if conn is not None:
+            tr.bits -= tr.chunk
+            conn.credit = max(0.0, conn.credit - tr.chunk)
+            conn.sent += tr.chunk / self._seg_bits
+            conn.last_send = tc
+            if tc > conn.chunk_start:
+                conn.rate = tr.chunk / (tc - conn.chunk_start)
+            tr.chunk = 0.0
+            if tr.bits > 0.5:
+                self._pump(conn, tc)
+                return
+            conn.queue.popleft()
+            if conn.lossy and conn.window.loss_due(conn.sent, self.loss_rate(tr.direction, tr.client)):
+                # The message's last round trip holds a loss event: its last byte arrives
+                # after the retransmission (one more RTT, or the RTO with probability Q).
+                rtt = self.rtt(tr.client)
+                q = conn.window.timeout_probability()
+                done += rtt + q * max(0.0, self._rto(tr.client) - rtt)
+        del self._transfers[tid]
         self._by_client.get(tr.client, set()).discard(tid)
+        self._deliver(tr, done)
+        if conn is not None:
+            self._pump(conn, tc)
+
+    def _deliver(self, tr: _Transfer, tc: float) -> None:
+        tid = tr.tid
         if tr.lost:
             self.log("drop", direction=tr.direction, client=tr.client, nbytes=tr.nbytes, reason="loss", tid=tid)
             return
@@ -461,7 +693,7 @@ class Emulator:
         else:
             self._offline.add(c)
             self._abort_client(c, "offline")
-            self._reschedule()
+        self._reschedule()
         self.log("net_event", action="online" if going_online else "offline", clients=str(c), cause="availability")
         self._next_toggle(c, t, going_online)
 

@@ -251,6 +251,14 @@ class _SharedLink:
         self._put_b(f)
         self._rebalance(now)
 
+    def grow(self, f: Flow, bits: float, now: float) -> None:
+        self._anchor(now)
+        self._take_out(f, now)
+        f.remaining += bits
+        f.total += bits
+        self._put_b(f)
+        self._rebalance(now)
+
     def set_capacity(self, capacity: float, now: float) -> None:
         self._anchor(now)
         self.capacity = capacity
@@ -390,6 +398,22 @@ class FluidNetwork:
             self._settle(f)
         self._detach(f)
         return f.remaining
+
+    def grow(self, fid: FlowId, bits: float) -> None:
+        """Give an active flow ``bits`` more to send (a TCP window that opened up: the rest
+        of its message joins the chunk in flight); its rate is unchanged."""
+        f = self.flows[fid]
+        if bits <= 0:
+            return
+        if f.group is not None:
+            f.group.grow(f, float(bits), self.now)
+        else:
+            self._settle(f)
+            f.remaining += bits
+            f.total += bits
+            f.version += 1
+            f.fresh = True
+            self._dirty_flows[fid] = f
 
     def set_cap(self, fid: FlowId, cap: float) -> None:
         f = self.flows[fid]

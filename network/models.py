@@ -119,6 +119,145 @@ def padhye_rate(mss: int, rtt: float, p: float, rto: float, b: int = 1, wmax_byt
     return min(window, 8.0 * mss / denom)
 
 
+CUBIC_C = 0.4        # Linux CUBIC's scaling constant, segments / s^3
+CUBIC_BETA = 0.7     # Linux CUBIC's multiplicative decrease (RFC 9438 beta_cubic)
+RENO_BETA = 0.5
+
+
+def cubic_window(rtt: float, p: float, c: float = CUBIC_C, beta: float = CUBIC_BETA) -> float:
+    """CUBIC's average congestion window (segments) under periodic loss with probability p
+    (RFC 8312 section 5.1 / RFC 9438): the larger of the cubic region
+
+        W = (C (3 + beta) / (4 (1 - beta)))^(1/4) * (RTT / p)^(3/4)
+
+    and the Reno-friendly region sqrt(3 / (2p)) (Linux's tcp_friendliness, on by default;
+    alpha = 3 (1 - beta) / (1 + beta) makes CUBIC's AIMD estimate match Reno). inf if p = 0."""
+    if p <= 0:
+        return math.inf
+    w_cubic = (c * (3.0 + beta) / (4.0 * (1.0 - beta))) ** 0.25 * (max(rtt, 0.0) / p) ** 0.75
+    return max(w_cubic, math.sqrt(1.5 / p))
+
+
+def cubic_rate(mss: int, rtt: float, p: float, wmax_bytes: float = math.inf) -> float:
+    """CUBIC's response function in bits/s: ``cubic_window(rtt, p)`` segments of ``mss``
+    bytes per round trip, at most the receive window ``wmax_bytes`` per round trip."""
+    if rtt <= 0:
+        return math.inf
+    window = math.inf if not math.isfinite(wmax_bytes) else 8.0 * wmax_bytes / rtt
+    return min(window, 8.0 * mss * cubic_window(rtt, p) / rtt)
+
+
+class TcpWindow:
+    """The congestion window of one TCP sender, stepped once per round trip (flow level).
+
+    ``cwnd`` and ``ssthresh`` in segments. Loss is mean-field: every ``1/p`` segments sent
+    is one loss event (at most one per round trip, as with SACK recovery), so a long
+    transfer converges to the response function (``cubic_window``; Mathis' sqrt(3/2p) for
+    Reno) while a short one keeps the window slow start gave it. A loss event is a
+    retransmission timeout with Padhye's probability Q(w) = min(1, 3/w): the connection
+    stalls for that share of the RTO (in expectation; backoff is not modelled).
+    """
+
+    __slots__ = ("iw", "congestion", "b", "max_cwnd", "cwnd", "ssthresh", "w_max", "epoch", "origin", "k",
+                 "acc", "w_est")
+
+    def __init__(self, iw: int, congestion: str = "cubic", b: int = 1, max_cwnd: float = math.inf):
+        self.iw, self.congestion, self.b, self.max_cwnd = float(iw), congestion, b, max_cwnd
+        self.cwnd = min(float(iw), max_cwnd)
+        self.ssthresh = math.inf
+        self.w_max = 0.0
+        self.epoch: float | None = None   # CUBIC: start of the current growth epoch, seconds
+        self.origin = 0.0
+        self.k = 0.0
+        self.w_est = 0.0
+        # Expected losses since the last loss event. Starting half-way rounds the count of
+        # loss events in n segments to the nearest integer of n*p (a uniform loss phase).
+        self.acc = 0.5
+
+    def restart_after_idle(self, idle: float, rto: float) -> None:
+        """Linux's tcp_cwnd_restart: after ``idle`` seconds without sending (> ``rto``) the
+        window is halved once per RTO elapsed, down to the initial window; ssthresh keeps
+        3/4 of the old window."""
+        if idle <= rto:
+            return
+        self.ssthresh = max(self.ssthresh if math.isfinite(self.ssthresh) else 0.0, 0.75 * self.cwnd)
+        restart = min(self.iw, self.cwnd)
+        cwnd = self.cwnd
+        delta = idle - rto
+        while delta > 0 and cwnd > restart:
+            cwnd /= 2.0
+            delta -= rto
+        self.cwnd = max(cwnd, restart)
+        self.epoch = None
+
+    def loss_due(self, sent: float, p: float) -> bool:
+        """Whether ``sent`` more segments would reach the next mean-field loss event."""
+        return p > 0 and self.acc + sent * p >= 1.0
+
+    def timeout_probability(self) -> float:
+        """Padhye et al.'s Q(w) = min(1, 3/w): the chance that a loss in a window of w
+        segments leaves too few duplicate ACKs for fast retransmit (a retransmission
+        timeout instead)."""
+        return min(1.0, 3.0 / max(self.cwnd, 1.0))
+
+    def on_round(self, sent: float, p: float, now: float, rtt: float, ceiling: float = math.inf) -> float:
+        """A round trip ended at ``now`` (seconds) in which ``sent`` segments left; update
+        the window. ``ceiling`` (segments) is the most window the path holds: its
+        bandwidth-delay product at the flow's rate plus a buffer of as much (a larger
+        window would overflow a drop-tail queue). Returns the probability that the round's
+        loss event (if any) was a retransmission timeout (0 without one): the caller stalls
+        the connection for that share of the RTO, the mean-field form of Padhye's timeout
+        term."""
+        if p > 0:
+            self.acc += sent * p
+        if self.acc >= 1.0:
+            self.acc %= 1.0
+            if self.cwnd < self.ssthresh:
+                # Detected a round trip after the loss: slow start grew the window meanwhile.
+                self.cwnd = min(self.cwnd + sent, max(ceiling, self.cwnd))
+            # Mid-stream, SACK and limited transmit repair a loss by fast retransmit unless
+            # the window is too small for three duplicate ACKs: then it is a timeout.
+            q = 1.0 if self.cwnd < 4.0 else 0.0
+            beta = CUBIC_BETA if self.congestion == "cubic" else RENO_BETA
+            if self.congestion == "cubic" and self.cwnd < self.w_max:
+                self.w_max = self.cwnd * (1.0 + beta) / 2.0   # fast convergence
+            else:
+                self.w_max = self.cwnd
+            self.ssthresh = max(2.0, self.cwnd * beta)
+            self.cwnd = self.ssthresh
+            self.epoch = None
+            return q
+        if sent <= 0:
+            return 0.0
+        if self.cwnd < self.ssthresh:               # slow start: one segment per segment acked
+            self.cwnd = min(self.cwnd + sent, max(self.ssthresh, self.cwnd))
+        else:
+            frac = min(1.0, sent / self.cwnd)       # grow only while the window is used
+            if self.congestion == "reno":
+                self.cwnd += frac / self.b
+            else:
+                self.cwnd += frac * self._cubic_step(now, rtt)
+        self.cwnd = min(self.cwnd, self.max_cwnd, max(ceiling, self.iw))
+        return 0.0
+
+    def _cubic_step(self, now: float, rtt: float) -> float:
+        """Linux's bictcp_update over one round trip: the cubic target one RTT ahead, or the
+        Reno-friendly estimate when larger; at most +50% per round trip."""
+        if self.epoch is None:
+            self.epoch = now - rtt
+            if self.w_max <= self.cwnd:
+                self.k, self.origin = 0.0, self.cwnd
+            else:
+                self.k = ((self.w_max - self.cwnd) / CUBIC_C) ** (1.0 / 3.0)
+                self.origin = self.w_max
+            self.w_est = self.cwnd
+        t = now - self.epoch
+        target = self.origin + CUBIC_C * (t + rtt - self.k) ** 3
+        self.w_est += 3.0 * (1.0 - CUBIC_BETA) / (1.0 + CUBIC_BETA)   # per round trip, as Reno's +1
+        goal = max(target, self.w_est)
+        return min(max(goal - self.cwnd, 0.0), self.cwnd / 2.0)
+
+
 def tcp_rto(min_rto: float, rtt: float, rtt_std: float) -> float:
     """Retransmission timeout T0 (RFC 6298 shape): max(min_rto, RTT + 4 sigma_RTT), <= 60 s."""
     return min(60.0, max(min_rto, rtt + 4.0 * rtt_std))

@@ -73,7 +73,8 @@ def test_defaults_are_the_modest_network():
     assert up.latency == down.latency == 0.02
     assert up.loss.rate == 0 and up.jitter.distribution == "none" and up.duplicate == up.corrupt == 0
     assert math.isinf(cfg.server_uplink) and math.isinf(cfg.server_downlink)
-    assert cfg.transport == "tcp" and cfg.mss == 1460
+    assert cfg.transport == "tcp" and cfg.mss == 1448  # MTU - 52 (IPv4, TCP, timestamps)
+    assert cfg.tcp.initial_window == 10 and cfg.tcp.slow_start_after_idle and cfg.tcp.congestion == "cubic"
 
 
 def test_full_config_parses(tmp_path):

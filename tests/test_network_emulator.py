@@ -90,7 +90,12 @@ def test_partition_and_heal():
     clock.call_at(5.01, lambda: up(0, 1000))   # healed at 5 s
     clock.call_at(2.5, lambda: got.append(("online", em.is_online(2), em.is_online(0))))
     clock.run(until=20)
-    assert got == [("online", False, True), (1, pytest.approx(4.5)), (0, pytest.approx(5.018))]
+    # TCP puts a 52-byte header on every segment; with latency 0 the handshake and the window
+    # cost nothing (tests/test_network_tcp.py covers them).
+    wire = lambda nbytes: em.wire_bytes(nbytes) * 8 / 1e6   # noqa: E731  seconds at 1 Mbps
+    assert em.wire_bytes(125_000) == 125_000 + 52 * 87
+    assert got == [("online", False, True), (1, pytest.approx(3.5 + wire(125_000))),
+                   (0, pytest.approx(5.01 + wire(1000)))]
     drops = [(f["client"], f["reason"]) for e, f in log if e == "drop"]
     assert drops == [(1, "partition"), (2, "partition"), (0, "partition")]
     nets = [(f["action"], f["clients"]) for e, f in log if e == "net_event"]
@@ -199,7 +204,11 @@ def test_set_link_latency_and_tcp_order():
     clock.call_at(1.1, lambda: em.transfer("down", 0, 0, lambda c: got.append(("b", clock.now()))))
     clock.call_at(1.2, lambda: em.transfer("up", 0, 0, lambda c: got.append(("c", clock.now()))))
     clock.run()
-    assert got == [("a", pytest.approx(0.91)), ("c", pytest.approx(1.21)), ("b", pytest.approx(1.6))]
+    # The first message opens the connection: 2 round trips of 20 ms (TCP, then ZMTP's
+    # greeting) before it leaves; the later ones use it. 52 header bytes at 1 Gbps.
+    seg = 52 * 8 / 1e9
+    assert got == [("a", pytest.approx(0.9 + 0.04 + 0.01 + seg)), ("c", pytest.approx(1.21 + 52 * 8 / 10e6)),
+                   ("b", pytest.approx(1.6 + seg))]
 
 
 def test_rejects_bad_calls():
@@ -256,7 +265,7 @@ def test_zero_bandwidth_trace_stalls_then_resumes(tmp_path):
     got: list = []
     em.transfer("down", 0, 250_000, lambda c: got.append(clock.now()))   # 2 Mbit
     clock.run(until=60)
-    assert got == [pytest.approx(4.0)]
+    assert got == [pytest.approx(4.0 + (em.wire_bytes(250_000) - 250_000) * 8 / 1e6)]   # headers at 1 Mbps
 
 
 def test_datagram_loss_burst_only_during_its_window():
@@ -275,14 +284,17 @@ def test_datagram_loss_burst_only_during_its_window():
 
 
 def test_tcp_cap_uses_gilbert_elliott_long_run_rate():
-    from network.models import padhye_rate
+    from network.models import cubic_rate, padhye_rate
     ge = {"model": "gilbert_elliott", "p": 0.001, "r": 0.5}
     em, clock, _ = make({"network": {"uplink": "1Gbps", "latency": "20ms",
                                      "group": [{"clients": "all", "direction": "up", "loss": ge}]}}, 1)
     p_bar = 0.001 / 0.501
     assert em.loss_rate("up", 0) == pytest.approx(p_bar)
-    assert em.tcp_cap("up", 0) == pytest.approx(padhye_rate(1460, 0.04, p_bar, 0.2))
+    assert em.tcp_cap("up", 0) == pytest.approx(cubic_rate(1448, 0.04, p_bar))   # default: CUBIC
     assert em.tcp_cap("down", 0) == math.inf
+    em, clock, _ = make({"network": {"uplink": "1Gbps", "latency": "20ms", "tcp": {"congestion": "reno"},
+                                     "group": [{"clients": "all", "direction": "up", "loss": ge}]}}, 1)
+    assert em.tcp_cap("up", 0) == pytest.approx(padhye_rate(1448, 0.04, p_bar, 0.2))
 
 
 def test_partition_aborts_download_in_flight_and_counts_offline_as_down():

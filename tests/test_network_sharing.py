@@ -16,6 +16,10 @@ REL = 1e-6
 
 
 def make(sections, n, base=pathlib.Path("."), seed=0, start=0.0):
+    # The sharing alone: loss-free datagrams are the bare fluid model (no handshake, no TCP
+    # window, no per-segment headers; those are tests/test_network_tcp.py's).
+    net = {"transport": "datagram", **sections.get("network", {})}
+    sections = {**sections, "network": net}
     clock = HeapClock(start)
     log: list = []
     em = Emulator(parse_network(sections, n, base), n, clock, seed, lambda e, **f: log.append((e, f)))
