@@ -35,6 +35,9 @@ class ServerRole(Actor):
         self._sent_to: dict[str, set[int]] = {}
         self._pending: dict[str, list[Message]] = {}
         self._gather: _Gather | None = None
+        self.replies_received = 0
+        """Replies accepted by gathers since the start (metrics.csv takes per-round differences)."""
+        self.replies_missed = 0
         node.actors[SERVER] = self
 
     # --- ServerComm ----------------------------------------------------------------
@@ -76,7 +79,9 @@ class ServerRole(Actor):
             timer.cancel()
         self._gather = None
         missing = sorted(expected - g.replies.keys())
+        self.replies_received += len(g.replies)
         if missing:
+            self.replies_missed += len(missing)
             self.stats.count("missed_replies", len(missing))
             self._log("gather_timeout", round=self.round, kind=kind, missing=len(missing),
                       first_missing=missing[:10], waited_s=wait)
