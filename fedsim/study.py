@@ -117,14 +117,23 @@ def sweep(scenario_path: str | None, bandwidths: list[str], algorithms: list[str
             finish(i, run_cell(path, ov))
     else:
         import concurrent.futures as cf
-        import multiprocessing as mp
-        # spawn, not fork: a forked child of a process whose torch thread pools already ran
-        # can deadlock in them; each worker imports torch once and runs many cells.
-        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(plans)), mp_context=mp.get_context("spawn")) as pool:
+        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(plans)), mp_context=_process_context()) as pool:
             futures = {pool.submit(run_cell, path, ov): i for i, (_, _, _, ov) in enumerate(plans)}
             for fut in cf.as_completed(futures):
                 finish(futures[fut], fut.result())
     return [c for c in cells if c is not None]
+
+
+def _process_context():
+    """Worker processes forked from a fork server that imported fedsim (and torch) once, but
+    never ran a torch op: a plain fork of this process could inherit torch thread pools in a
+    state that deadlocks the child, and spawn pays the torch import in every worker."""
+    import multiprocessing as mp
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["fedsim.study", "fedsim.runner", "fedsim.data", "sklearn.datasets"])
+    return ctx
 
 
 def _dask(path: str | None, plans: list, jobs: int, address: str | None, finish: Callable[[int, dict], None]) -> None:
