@@ -160,7 +160,7 @@ def cmd_algorithms(args: argparse.Namespace) -> int:
             shown = "unset" if default is None else repr(default) if isinstance(default, str) else str(default).lower() \
                 if isinstance(default, bool) else str(default)
             doc = k["doc"]
-            if args.short and doc:
+            if not args.full and doc:
                 doc = doc.split(". ")[0].rstrip(".") + "."
             print(f"  {k['name']:22s} {k['type']:12s} = {shown:14s} {doc}")
         print()
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ck.set_defaults(func=cmd_check)
     al = sub.add_parser("algorithms", help="list every method with its keys, defaults and docs (from the code)")
     al.add_argument("name", nargs="*", help="only these methods")
-    al.add_argument("--short", action="store_true", help="first sentence of each key's doc only")
+    al.add_argument("--full", action="store_true", help="each key's whole docstring (default: its first sentence)")
     al.set_defaults(func=cmd_algorithms)
     pl = sub.add_parser("plot", help="accuracy vs rounds, simulated time and uplink bits for run directories")
     pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by `fedsim run --out`")

@@ -18,6 +18,7 @@ partition are independent streams and nothing touches the global RNGs.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -185,12 +186,20 @@ def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Ge
     return perm[~is_test[perm]], perm[is_test[perm]]
 
 
-def _load_digits(cfg: DataConfig, seed: int) -> Dataset:
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 8x8 digits, parsed once per process (~0.1 s a time: sweeps and tests build many
+    runs). Never handed out: ``_load_digits`` returns copies (indexed by the split)."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn: never downloads
 
     bunch = load_digits()
     x = bunch.images.astype(np.float32) / 16.0  # pixel values are 0..16
     y = bunch.target.astype(np.int64)
+    return x, y
+
+
+def _load_digits(cfg: DataConfig, seed: int) -> Dataset:
+    x, y = _digits_arrays()
     train, test = stratified_split(y, cfg.test_fraction, _numpy_rng(seed, "split", "digits"))
     x = torch.from_numpy(x).unsqueeze(1)
     y = torch.from_numpy(y)
