@@ -128,6 +128,9 @@ def sweep_figure(rows: list[dict[str, Any]], target: float | None):
     ax1.set_xscale("log")
     if any(r["time_to_target_s"] for r in rows):
         ax1.set_yscale("log")
+    else:
+        ax1.set_yticks([])
+        ax1.text(0.5, 0.5, "no cell reached the target", transform=ax1.transAxes, ha="center", va="center")
     ax1.set_xlabel("client uplink (Mbit/s)")
     ax1.set_ylabel(f"simulated time to accuracy {target} (s)")
     ax1.set_title("bandwidth wall", pad=18)

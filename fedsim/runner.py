@@ -10,8 +10,8 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import math
 import gc
+import math
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -239,7 +239,7 @@ def derived_round_deadline(scenario: Scenario, model: torch.nn.Module, algorithm
         t = wps * samples / emulator.speed(c)
         for direction in ("down", "up"):
             link = emulator.link(c, direction)
-            rate = min(link.bandwidth_at(0.0), emulator.tcp_cap(direction, c))
+            rate = max(min(link.bandwidth_at(0.0), emulator.tcp_cap(direction, c)), 1.0)  # a trace may start at 0
             t += link.latency + 4 * link.jitter.std + bits / rate
         worst = max(worst, t)
     net = scenario.network

@@ -351,9 +351,10 @@ def notes_for(scenario: Scenario) -> list[str]:
     """Hints for settings that run but probably disappoint. Shown by ``check`` and ``run``."""
     notes = []
     if one_step_per_round(scenario.algorithm_class) and scenario.run.rounds < GRADIENT_ROUNDS_HINT:
+        lr = scenario.algorithm.lr
         notes.append(f"{scenario.algorithm_name} takes one gradient step per round: {scenario.run.rounds} rounds at "
-                     f"lr {scenario.algorithm.lr} is far too few to train (the README's results use 300 rounds "
-                     f"at lr 0.5): try --set run.rounds=300 --set algorithm.lr=0.5")
+                     f"lr {lr} is far too few to train (the README's results use 300 rounds at lr 0.5): try "
+                     f"--set run.rounds=300" + (" --set algorithm.lr=0.5" if lr < 0.5 else ""))
     if scenario.run.round_deadline is None and can_lose_replies(scenario.network):
         notes.append("replies can be lost on this network and run.round_deadline is unset: each gather stops "
                      "waiting at a deadline derived from the network and compute model (see `fedsim check`, "
