@@ -183,10 +183,17 @@ def load_scenario(path: str | Path | None = None,
     if isinstance(overrides, Mapping):
         for dotted, value in overrides.items():
             set_value(raw, dotted, value)
+        overridden = {k.strip() for k in overrides}
     else:
         for assignment in overrides:
             apply_override(raw, assignment)
-    return from_dict(raw, text=text, source=source, base_dir=base_dir)
+        overridden = {a.split("=", 1)[0].strip() for a in overrides}
+    try:
+        return from_dict(raw, text=text, source=source, base_dir=base_dir)
+    except ScenarioError as exc:
+        if exc.key in overridden:  # the value came from an override, not from the file's line
+            raise ScenarioError(exc.key, exc.value, exc.reason, source="--set") from None
+        raise
 
 
 def from_dict(raw: dict[str, Any], *, text: str | None = None, source: str = "<dict>", base_dir: Path = SCENARIO_DIR) -> Scenario:
@@ -303,6 +310,11 @@ def resolve_algorithm(table: Any, text: str | None = None, source: str = "<dict>
         if k not in known:
             raise ScenarioError(f"algorithm.{k}", v, f"a table for an unknown method (known: {', '.join(known)})",
                                 _section_line(text, f"algorithm.{k}"), source)
+    for k, v in values.items():
+        if k in known and k not in tables:
+            raise ScenarioError(f"algorithm.{k}", v, f"the settings of method '{k}' must be a table "
+                                f"([algorithm.{k}], or --set algorithm.{k}.KEY=VALUE)", _line_of(text, "algorithm", k),
+                                source)
     top = {k: v for k, v in values.items() if k not in tables}
     try:
         cls = get_algorithm(name)
