@@ -325,3 +325,11 @@ def test_folder_dataset_errors_are_one_line(tmp_path, capsys):
     assert main(["run", "--set", "data.dataset=folder", "--set", f"data.data_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "no train.npz and test.npz" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ the worked example's protocol
+# tests/test_state_sync.py already runs topk's state machine (it is registered and stateful);
+# its content-addressed protocol must also survive replays the version filter cannot catch.
+from tests.statesync import state_sync_machine  # noqa: E402
+
+TestTopkSurvivesReplays = state_sync_machine("topk", replay=True).TestCase
