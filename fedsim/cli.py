@@ -10,7 +10,10 @@ from .errors import DataError, ScenarioError
 EPILOG = """examples:
   fedsim run                                   # the embedded default: digits, 20 clients, fedavg
   fedsim run scenarios/lossy_uplink.toml --out runs/lossy
-  fedsim run --set algorithm.name=qrr --set algorithm.bits=8 --set network.uplink=1Mbps
+  fedsim run scenarios/default.toml --set algorithm.name=qrr --set run.rounds=300 --set algorithm.lr=0.5
+  fedsim check scenarios/default.toml --set algorithm.name=qrr   # validate, print resolved TOML
+  fedsim algorithms qrr                        # a method's keys, defaults and docs
+  fedsim plot runs/a runs/b --out fig.png
   fedsim run --set data.dataset=fashion-mnist --set model.hidden=[200] --set run.rounds=50
   fedsim sweep --bandwidths 100kbps,1Mbps,10Mbps --algorithms sgd,qrr,lqsgd --set run.rounds=30
 
@@ -27,20 +30,39 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+def _console(stderr: bool = True):
+    """A rich console that never wraps a message into a pipe's 80 columns (tables still fit
+    the terminal when there is one)."""
+    from rich.console import Console
+    return Console(stderr=stderr, soft_wrap=True)
+
+
+def _say(console, label: str, message: object, style: str = "red") -> None:
+    """One line, ``label: message``; the message is printed literally (a value like
+    ``[64]`` is not rich markup)."""
+    from rich.text import Text
+    console.print(Text.assemble((f"{label}:", style), " ", str(message)), soft_wrap=True)
+
+
+def _notes(console, notes) -> None:
+    for n in notes:
+        _say(console, "note", n, "yellow")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from .runner import run
-    from .scenario import load_scenario
+    from . import api
 
-    console = Console(stderr=True)
+    console = _console()
     try:
-        scenario = load_scenario(args.scenario, args.set or [])
+        scenario = api.load(args.scenario, args.set or [])
     except ScenarioError as exc:
-        console.print(f"[red]scenario error:[/red] {exc}")
+        _say(console, "scenario error", exc)
         return 2
+    _notes(console, scenario.notes)
     live = sys.stderr.isatty() and not args.quiet
 
     def line(m, total):
@@ -48,28 +70,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"round {m.round + 1}/{total}  acc {acc}  sim {m.sim_time_s:.2f}s  "
               f"up {_fmt_bytes(m.uplink_bytes)}  down {_fmt_bytes(m.downlink_bytes)}", file=sys.stderr, flush=True)
 
+    def go(progress):
+        return api.run(args.scenario, args.set or [], out=args.out, progress=progress, tensorboard=args.tensorboard)
+
     try:
         if live:
             with Progress(TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
                           TextColumn("acc {task.fields[acc]}  sim {task.fields[sim]}  up {task.fields[up]}  down {task.fields[down]}"),
-                          TimeElapsedColumn(), console=console) as bar:
+                          TimeElapsedColumn(), console=Console(stderr=True)) as bar:
                 task = bar.add_task("run", total=scenario.run.rounds, acc="-", sim="0s", up="0 B", down="0 B")
 
                 def update(m, total):
                     bar.update(task, completed=m.round + 1,
                                acc="-" if m.accuracy is None else f"{m.accuracy:.4f}",
                                sim=f"{m.sim_time_s:.1f}s", up=_fmt_bytes(m.uplink_bytes), down=_fmt_bytes(m.downlink_bytes))
-                result = run(scenario, args.out, progress=update)
+                result = go(update)
         else:
-            result = run(scenario, args.out, progress=None if args.quiet else line)
+            result = go(None if args.quiet else line)
     except (DataError, ScenarioError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        _say(console, "error", exc)
         return 2
     s = result.summary
     table = Table(title=f"{s['algorithm']} · {s['dataset']} · {s['clients']} clients · seed {s['seed']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     acc = s["final_accuracy"]
+    drops = ", ".join(f"{k} {v}" for k, v in s.get("drops", {}).items() if v) or "none"
+    deadline = s.get("round_deadline_s")
     rows = [
         ("final accuracy", "-" if acc is None else f"{acc:.4f}"),
         ("rounds", str(s["rounds"])),
@@ -79,6 +106,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("uplink", _fmt_bytes(s["uplink_bytes"])),
         ("downlink", _fmt_bytes(s["downlink_bytes"])),
         ("payload bits (up+down)", f"{s['payload_bits']:,}"),
+        ("replies received / missed", f"{s['replies']['received']} / {s['replies']['missed']}"),
+        ("network drops", drops),
+        ("round deadline", "none" if deadline is None else
+         f"{deadline:.3g} s" + (" (derived)" if s.get("round_deadline_derived") else "")),
         ("model sha256", s["model_sha256"][:16] + "…"),
     ]
     for k, v in rows:
@@ -87,10 +118,69 @@ def cmd_run(args: argparse.Namespace) -> int:
         table.add_row(f"count: {k}", str(v))
     Console().print(table)
     if args.out:
-        console.print(f"results in {Path(args.out)}/ (summary.json, metrics.csv, events.jsonl)")
+        console.print(f"results in {Path(args.out)}/ (summary.json, metrics.csv, events.jsonl)", soft_wrap=True)
+    if args.tensorboard:
+        console.print(f"tensorboard scalars in {args.tensorboard}/ (tensorboard --logdir {args.tensorboard})",
+                      soft_wrap=True)
     if s.get("interrupted"):
-        console.print(f"interrupted after {s['rounds']} rounds: the results above are partial")
+        console.print(f"interrupted after {s['rounds']} rounds: the results above are partial", soft_wrap=True)
         return 130
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from . import api
+    console = _console()
+    try:
+        scenario = api.load(args.scenario, args.set or [])
+        text = api.check(args.scenario, args.set or [])
+    except ScenarioError as exc:
+        _say(console, "scenario error", exc)
+        return 2
+    _notes(console, scenario.notes)
+    if args.out:
+        Path(args.out).write_text(text)
+        console.print(f"ok: {scenario.source} is valid; resolved scenario in {args.out}", soft_wrap=True)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_algorithms(args: argparse.Namespace) -> int:
+    from . import api
+    methods = api.algorithms()
+    if args.name:
+        methods = [m for m in methods if m["name"] in args.name]
+        unknown = sorted(set(args.name) - {m["name"] for m in methods})
+        if unknown:
+            _say(_console(), "error", f"unknown algorithm {', '.join(unknown)} (known: "
+                 f"{', '.join(m['name'] for m in api.algorithms())})")
+            return 2
+    for m in methods:
+        print(f"{m['name']}{' (stateful)' if m['stateful'] else ''}: {m['doc']}")
+        for k in m["keys"]:
+            default = k["default"]
+            shown = "unset" if default is None else repr(default) if isinstance(default, str) else str(default).lower() \
+                if isinstance(default, bool) else str(default)
+            doc = k["doc"]
+            if not args.full and doc:
+                doc = doc.split(". ")[0].rstrip(".") + "."
+            print(f"  {k['name']:22s} {k['type']:12s} = {shown:14s} {doc}")
+        print()
+    print("Set a key for one method with [algorithm.NAME] tables (or --set algorithm.NAME.KEY=VALUE); "
+          "keys directly under [algorithm] apply to whichever method runs.")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from . import api
+    console = _console()
+    try:
+        out = api.plot(args.runs, args.out, bits=args.bits)
+    except ScenarioError as exc:
+        _say(console, "error", exc)
+        return 2
+    console.print(f"wrote {out}", soft_wrap=True)
     return 0
 
 
@@ -103,7 +193,7 @@ def _load(args, console):
         return None
 
 
-def _say(line: str) -> None:
+def _status(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -116,12 +206,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if scenario is None:
         return 2
     if scenario.run.clock != "real":
-        _say("note: serve runs on the wall clock (run.clock = real)")
+        _status("note: serve runs on the wall clock (run.clock = real)")
         scenario.run.clock = "real"
     if args.no_emulate:
         scenario.run.emulate = False
     if args.wait <= 0:
-        _say(f"error: --wait {args.wait:g}: must be > 0 seconds")
+        _status(f"error: --wait {args.wait:g}: must be > 0 seconds")
         return 2
 
     def line(m, total):
@@ -130,9 +220,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr, flush=True)
 
     result = serve(scenario, args.bind, keys=args.keys, out_dir=args.out, progress=line, resume=args.resume,
-                   ready=lambda addr: _say(f"listening on {addr}; waiting for {scenario.data.clients} clients"
+                   ready=lambda addr: _status(f"listening on {addr}; waiting for {scenario.data.clients} clients"
                                            f"{'' if scenario.run.emulate else ' (network model off: the link is real)'}"),
-                   registration_timeout=args.wait, say=_say)
+                   registration_timeout=args.wait, say=_status)
     s = result.summary
     acc = "-" if s["final_accuracy"] is None else f"{s['final_accuracy']:.4f}"
     print(f"final_accuracy={acc} rounds={s['rounds']} uplink_bytes={s['uplink_bytes']} "
@@ -153,9 +243,9 @@ def cmd_join(args: argparse.Namespace) -> int:
     scenario.run.clock = "real"
     ids = parse_clients(args.clients, scenario.data.clients, "--clients")
     if args.wait <= 0:
-        _say(f"error: --wait {args.wait:g}: must be > 0 seconds")
+        _status(f"error: --wait {args.wait:g}: must be > 0 seconds")
         return 2
-    result = join(scenario, args.connect, ids, keys=args.keys, key_name=args.key_name, wait=args.wait, say=_say)
+    result = join(scenario, args.connect, ids, keys=args.keys, key_name=args.key_name, wait=args.wait, say=_status)
     counters = ", ".join(f"{k} {v}" for k, v in sorted(result.stats.counters.items())) or "none"
     print(f"clients {args.clients}: done; contributed to {result.rounds_contributed} rounds; counters: {counters}")
     return 0
@@ -180,38 +270,55 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    import time
+
     from rich.console import Console
     from rich.table import Table
 
     from network.errors import NetworkConfigError
 
-    from .sweep import sweep, write
-    console = Console(stderr=True)
+    from . import api
+    from .study import parse_seeds
+    console = _console()
     bandwidths = [b.strip() for b in args.bandwidths.split(",") if b.strip()]
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
 
     def progress(cell, i, n):
         s = cell.summary
         ttt = "not reached" if s["time_to_target_s"] is None else f"{s['time_to_target_s']:.1f}s"
-        print(f"[{i}/{n}] {cell.algorithm:9s} uplink {cell.uplink:>8s}: acc {s['final_accuracy']:.4f}, "
+        acc = "-" if s["final_accuracy"] is None else f"{s['final_accuracy']:.4f}"
+        print(f"[{i}/{n}] {cell.algorithm:9s} uplink {cell.uplink:>8s} seed {s['seed']}: acc {acc}, "
               f"time to target {ttt}, up {_fmt_bytes(s['uplink_bytes'])}", file=sys.stderr, flush=True)
 
+    started = time.perf_counter()
     try:
-        cells = sweep(args.scenario, bandwidths, algorithms, args.set or [], progress)
+        seeds = parse_seeds(args.seeds) if args.seeds else None
+        study = api.sweep(args.scenario, algorithms=algorithms, bandwidths=bandwidths, seeds=seeds,
+                          overrides=args.set or [], out=args.out, jobs=args.jobs, engine=args.engine,
+                          address=args.address, on_cell=progress)
     except (ScenarioError, NetworkConfigError, DataError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        _say(console, "error", exc)
         return 2
-    table = Table(title="bandwidth wall: simulated time to target accuracy (s)")
+    table = Table(title="bandwidth wall: simulated time to target accuracy (s)"
+                  + (" — mean ± sd over seeds" if seeds and len(seeds) > 1 else ""))
     table.add_column("algorithm")
     for bw in bandwidths:
         table.add_column(bw, justify="right")
     for a in algorithms:
-        row = [c for c in cells if c.algorithm == a]
-        table.add_row(a, *["-" if c.summary["time_to_target_s"] is None else f"{c.summary['time_to_target_s']:.1f}"
-                           for c in row])
+        row = [r for r in study.rows if r["algorithm"] == a]
+
+        def cell(r):
+            if r["time_to_target_s"] is None:
+                return "-"
+            text = f"{r['time_to_target_s']:.1f}"
+            if seeds and len(seeds) > 1:
+                text += f" ± {r['time_to_target_s_sd']:.1f} ({r['reached']}/{len(seeds)})"
+            return text
+        table.add_row(a, *[cell(r) for r in row])
     Console().print(table)
-    paths = write(cells, args.out, cells[0].summary["target_accuracy"] if cells else None)
-    console.print("wrote " + ", ".join(str(p) for p in paths))
+    console.print(f"{len(study.runs)} runs in {time.perf_counter() - started:.1f} s wall "
+                  f"({args.engine}, {args.jobs} job{'s' if args.jobs > 1 else ''})", soft_wrap=True)
+    console.print("wrote " + ", ".join(str(p) for p in study.files), soft_wrap=True)
     return 0
 
 
@@ -233,7 +340,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key, e.g. network.uplink=1Mbps")
     p.add_argument("--out", metavar="DIR", help="write events.jsonl, metrics.csv, summary.json here")
     p.add_argument("--quiet", action="store_true", help="no per-round progress")
+    p.add_argument("--tensorboard", metavar="DIR",
+                   help="write per-round scalars for TensorBoard here (needs: pip install 'fedsim[tensorboard]')")
     p.set_defaults(func=cmd_run)
+    ck = sub.add_parser("check", help="validate a scenario without running it; print it resolved, as TOML",
+                        description="Validate a scenario (and its --set overrides) without running it, and print "
+                                    "every value it runs with, defaults included, as TOML. `fedsim run` on that "
+                                    "TOML runs the same thing.")
+    ck.add_argument("scenario", nargs="?", help="scenario TOML file (omit for the embedded default)")
+    ck.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key")
+    ck.add_argument("--out", metavar="FILE", help="write the resolved TOML here instead of stdout")
+    ck.set_defaults(func=cmd_check)
+    al = sub.add_parser("algorithms", help="list every method with its keys, defaults and docs (from the code)")
+    al.add_argument("name", nargs="*", help="only these methods")
+    al.add_argument("--full", action="store_true", help="each key's whole docstring (default: its first sentence)")
+    al.set_defaults(func=cmd_algorithms)
+    pl = sub.add_parser("plot", help="accuracy vs rounds, simulated time and uplink bits for run directories")
+    pl.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by `fedsim run --out`")
+    pl.add_argument("--out", required=True, metavar="FIG.png", help="image file to write")
+    pl.add_argument("--bits", choices=("payload", "wire"), default="payload",
+                    help="uplink bits axis: each method's payload count (default) or wire bits")
+    pl.set_defaults(func=cmd_plot)
     sv = sub.add_parser("serve", help="run the server side on the wall clock, for clients in other processes/hosts")
     sv.add_argument("scenario", nargs="?")
     sv.add_argument("--set", action="append", metavar="KEY=VALUE")
@@ -269,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--algorithms", default="sgd,qrr,powersgd,lqsgd", help="comma-separated algorithm names")
     sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a scenario key for every run")
     sw.add_argument("--out", default="runs/sweep", metavar="DIR", help="where sweep.csv and bandwidth_wall.png go")
+    sw.add_argument("--seeds", metavar="SEEDS", help="repeat every cell for these seeds, e.g. 1-5 or 1,3,7: "
+                    "sweep.csv gets means and standard deviations, the plot error bars")
+    sw.add_argument("--jobs", type=int, default=1, metavar="N", help="run N cells at a time in parallel processes")
+    sw.add_argument("--engine", choices=("local", "dask"), default="local",
+                    help="local processes (default) or a Dask distributed cluster (pip install 'fedsim[dask]')")
+    sw.add_argument("--address", metavar="HOST:PORT",
+                    help="with --engine dask: the scheduler of a running cluster (default: a local cluster of "
+                         "--jobs worker processes)")
     sw.set_defaults(func=cmd_sweep)
     s = sub.add_parser("scenarios", help="list the scenario files shipped in scenarios/")
     s.set_defaults(func=cmd_scenarios)
@@ -286,19 +421,19 @@ def guarded(func, args: argparse.Namespace) -> int:
     try:
         return func(args)
     except DeployError as exc:
-        _say(f"error: {exc}")
+        _status(f"error: {exc}")
         return exc.exit_code
     except (ScenarioError, NetworkConfigError) as exc:
-        _say(f"error: {exc}")
+        _status(f"error: {exc}")
         return 2
     except DataError as exc:
-        _say(f"error: {exc}")
+        _status(f"error: {exc}")
         return 2
     except CheckpointError as exc:
-        _say(f"error: {exc}")
+        _status(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
-        _say("interrupted")
+        _status("interrupted")
         return 130
 
 

@@ -18,6 +18,7 @@ partition are independent streams and nothing touches the global RNGs.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import math
@@ -32,7 +33,7 @@ import torch
 
 from .errors import DataError, ScenarioError
 
-DATASETS = ("digits", "fashion-mnist", "synthetic")
+DATASETS = ("digits", "fashion-mnist", "synthetic", "folder")
 PARTITIONS = ("iid", "dirichlet", "shards")
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -88,7 +89,8 @@ class DataConfig:
     """Shards each client receives under ``partition = "shards"``."""
     data_dir: str | None = None
     """Directory of the four Fashion-MNIST IDX files (gzipped or not); default: Debian's
-    ``/usr/share/datasets/fashion-mnist``."""
+    ``/usr/share/datasets/fashion-mnist``. For ``folder``: a directory holding ``train.npz`` and
+    ``test.npz`` (arrays ``x``, ``y``) or the four IDX files under Fashion-MNIST's names."""
     test_fraction: float = 0.2
     """Fraction of samples held out for testing (``digits`` and ``synthetic``; Fashion-MNIST
     keeps its official 60,000 / 10,000 split)."""
@@ -161,6 +163,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         return _load_fashion_mnist(cfg)
     if cfg.dataset == "synthetic":
         return _make_synthetic(cfg, seed)
+    if cfg.dataset == "folder":
+        return load_folder(cfg.data_dir)
     raise ScenarioError("data.dataset", cfg.dataset, f"unknown data set (known: {', '.join(DATASETS)})")
 
 
@@ -182,12 +186,20 @@ def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Ge
     return perm[~is_test[perm]], perm[is_test[perm]]
 
 
-def _load_digits(cfg: DataConfig, seed: int) -> Dataset:
+@functools.lru_cache(maxsize=1)
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The 8x8 digits, parsed once per process (~0.1 s a time: sweeps and tests build many
+    runs). Never handed out: ``_load_digits`` returns copies (indexed by the split)."""
     from sklearn.datasets import load_digits  # bundled with scikit-learn: never downloads
 
     bunch = load_digits()
     x = bunch.images.astype(np.float32) / 16.0  # pixel values are 0..16
     y = bunch.target.astype(np.int64)
+    return x, y
+
+
+def _load_digits(cfg: DataConfig, seed: int) -> Dataset:
+    x, y = _digits_arrays()
     train, test = stratified_split(y, cfg.test_fraction, _numpy_rng(seed, "split", "digits"))
     x = torch.from_numpy(x).unsqueeze(1)
     y = torch.from_numpy(y)
@@ -263,6 +275,50 @@ def _load_fashion_mnist(cfg: DataConfig) -> Dataset:
     return Dataset(images(arrays["train_x"]), labels(arrays["train_y"]),
                    images(arrays["test_x"]), labels(arrays["test_y"]),
                    num_classes=10, input_shape=(1, 28, 28), name="fashion-mnist")
+
+
+def load_folder(data_dir: str | os.PathLike | None) -> Dataset:
+    """A data set of one's own (``dataset = "folder"``): ``train.npz`` and ``test.npz`` with
+    arrays ``x`` (samples first) and ``y`` (integer labels 0..K-1), or the four IDX files
+    named as Fashion-MNIST's (``train-images-idx3-ubyte[.gz]`` ...).
+
+    Inputs: uint8 are scaled to [0, 1], floats kept; (N, H, W) images get a channel axis
+    (N, 1, H, W) so the CNN takes them; (N, D) vectors and (N, C, H, W) images as they are.
+    The number of classes is the largest label + 1.
+    """
+    if data_dir is None:
+        raise ScenarioError("data.data_dir", None, 'dataset = "folder" needs data_dir = "DIR" (train.npz, test.npz)')
+    directory = Path(data_dir)
+    arrays: dict[str, np.ndarray] = {}
+    if (directory / "train.npz").is_file() and (directory / "test.npz").is_file():
+        for part in ("train", "test"):
+            try:
+                with np.load(directory / f"{part}.npz", allow_pickle=False) as f:
+                    arrays[f"{part}_x"], arrays[f"{part}_y"] = np.asarray(f["x"]), np.asarray(f["y"])
+            except (KeyError, ValueError, OSError) as exc:
+                raise DataError(f"{directory / (part + '.npz')}: needs arrays x and y ({exc})") from None
+    else:
+        found = {key: _find_idx(directory, stem) for key, stem in FASHION_MNIST_FILES.items()}
+        if any(p is None for p in found.values()):
+            raise DataError(f"{directory}: no train.npz and test.npz, nor the four IDX files "
+                            f"({', '.join(FASHION_MNIST_FILES.values())})")
+        arrays = {key: read_idx(path) for key, path in found.items()}
+    out = {}
+    for part in ("train", "test"):
+        x, y = arrays[f"{part}_x"], arrays[f"{part}_y"]
+        if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or x.ndim < 2:
+            raise DataError(f"{directory}: {part} needs x of shape (N, ...) and N integer labels y, "
+                            f"got x{x.shape} {x.dtype}, y{y.shape} {y.dtype}")
+        if len(y) and int(y.min()) < 0:
+            raise DataError(f"{directory}: {part} labels must be >= 0")
+        xt = torch.from_numpy(np.ascontiguousarray(x))
+        xt = xt.to(torch.float32).div_(255.0) if x.dtype == np.uint8 else xt.to(torch.float32)
+        out[part] = (xt.unsqueeze(1) if x.ndim == 3 else xt, torch.from_numpy(y.astype(np.int64)))
+    classes = int(max(out["train"][1].max(), out["test"][1].max())) + 1
+    if classes < 2:
+        raise DataError(f"{directory}: need at least two classes")
+    return Dataset(*out["train"], *out["test"], num_classes=classes, input_shape=tuple(out["train"][0].shape[1:]),
+                   name="folder")
 
 
 # --------------------------------------------------------------------------- IDX files

@@ -71,6 +71,10 @@ class RoundMetrics:
     downlink_bytes: int
     uplink_payload_bits: int
     downlink_payload_bits: int
+    replies: int = 0
+    """Client replies the server accepted in this round (all of its gathers)."""
+    missed_replies: int = 0
+    """Replies a gather of this round stopped waiting for (lost, late, offline, crashed ...)."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import signal
 import sys
+import math
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -35,7 +36,7 @@ from .models import build_model, evaluate, work_per_sample
 from .node import Node, Stats
 from .results import EventLog, RoundMetrics, RunResult
 from .errors import ScenarioError
-from .scenario import Scenario
+from .scenario import Scenario, can_lose_replies
 from .server import ServerRole
 
 Progress = Callable[[RoundMetrics, int], None]
@@ -70,7 +71,15 @@ class ServerSide:
         self.events, self.stats, self.transport = events, stats, transport
         run = scenario.run
         self.n_clients = scenario.data.clients
-        self.emulator = Emulator(scenario.network, self.n_clients, LoopClock(loop), run.seed, events)
+        self.drops: collections.Counter[str] = collections.Counter()
+        """Messages the network model dropped, by reason (loss, partition, offline, crashed)."""
+
+        def net_log(event: str, **fields) -> None:
+            if event == "drop":
+                self.drops[fields.get("reason", "?")] += 1
+            events(event, **fields)
+
+        self.emulator = Emulator(scenario.network, self.n_clients, LoopClock(loop), run.seed, net_log)
         self.node = Node(transport, log=events, stats=stats, limits=limits, emulator=self.emulator, seed=run.seed)
         self.node.emulate = emulate
         self.node.session = session
@@ -89,6 +98,10 @@ class ServerSide:
         self.restarts = 0
         self._round_task: asyncio.Future | None = None
         self._restarted: asyncio.Event | None = None
+        self.round_deadline: float | None = run.round_deadline
+        """Seconds each gather waits: run.round_deadline, or a derived default (see
+        :func:`derived_round_deadline`) where replies can be lost and none was set."""
+        self.deadline_derived = False
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.model, self.algorithm.model_params(), self.dataset.test_x, self.dataset.test_y)
@@ -114,7 +127,8 @@ class ServerSide:
                 await self._restarted.wait()
                 continue
             participants = select_participants(self.n_clients, self.algorithm.config.client_fraction, run.seed, r)
-            self.role.begin_round(r, participants, run.round_deadline)
+            self.role.begin_round(r, participants, self.round_deadline)
+            received, missed = self.role.replies_received, self.role.replies_missed
             started = loop.time()
             self.events("round_start", round=r, participants=len(participants))
             self._round_task = asyncio.ensure_future(self.algorithm.server_round(self.role))
@@ -134,7 +148,8 @@ class ServerSide:
             self.events("round_end", round=r, accuracy=None if acc is None else round(acc, 6),
                         up=stats.uplink_bytes, down=stats.downlink_bytes)
             m = RoundMetrics(r, now - self.start_time, now - started, acc, loss, stats.uplink_bytes, stats.downlink_bytes,
-                             stats.uplink_payload_bits, stats.downlink_payload_bits)
+                             stats.uplink_payload_bits, stats.downlink_payload_bits,
+                             self.role.replies_received - received, self.role.replies_missed - missed)
             self.metrics.append(m)
             self.next_round = r + 1
             if self.checkpoints:
@@ -303,6 +318,9 @@ class Simulation:
         self.clients = self.client_side.clients
         if self.server.checkpoints:
             self.client_side.keep_ledger()
+        if scenario.run.round_deadline is None and can_lose_replies(scenario.network):
+            self.server.round_deadline = derived_round_deadline(scenario, model, algorithm, dataset, parts, self.emulator)
+            self.server.deadline_derived = True
         self.emulator.on_runtime_event(self.on_runtime_event)
 
     @property
@@ -331,6 +349,53 @@ class Simulation:
         self.server_transport.close()
         self.client_transport.close()
         self.context.term()
+
+
+DEADLINE_MARGIN = 1.5
+"""The derived round deadline is this many times the slowest client's loss-free exchange."""
+
+
+def derived_round_deadline(scenario: Scenario, model: torch.nn.Module, algorithm: Algorithm, dataset: Dataset,
+                           parts: list[torch.Tensor], emulator: Emulator) -> float:
+    """A default ``run.round_deadline`` (seconds) for scenarios that can lose replies.
+
+    Without one, a gather waiting for a lost reply waits ``run.max_wait`` (an hour). The
+    default is ``DEADLINE_MARGIN`` x the longest loss-free exchange of one gather at the
+    start of the run, over clients c:
+
+        latency_down + 4 jitter_sd + B / rate_down + compute_c + latency_up + 4 jitter_sd + B / rate_up
+
+    plus, where the server's links are finite, n B / server_uplink + n B / server_downlink
+    (a broadcast and the uploads of all n clients sharing them). B is the dense model in
+    bytes (32-bit values: an upper bound on every method's messages); rates are the links'
+    bandwidths at time 0, capped by TCP's throughput model; compute_c is the compute model's
+    time for the samples one message costs client c: ``local_epochs`` passes over its data,
+    or ``local_steps`` batches, or one batch (``batch_size``; 0: all its data).
+    """
+    numel = sum(p.numel() for p in model.parameters())
+    bits = 8 * (4 * numel + 1024)
+    wps = work_per_sample(model, dataset.input_shape)
+    cfg = dataclasses.asdict(algorithm.config)
+    n = scenario.data.clients
+    worst = 0.0
+    for c in range(n):
+        size = len(parts[c])
+        batch = cfg.get("batch_size", 0) or size
+        if "local_epochs" in cfg:
+            samples = cfg["local_epochs"] * size
+        elif "local_steps" in cfg:
+            samples = cfg["local_steps"] * batch
+        else:
+            samples = min(batch, size)
+        t = wps * samples / emulator.speed(c)
+        for direction in ("down", "up"):
+            link = emulator.link(c, direction)
+            rate = max(min(link.bandwidth_at(0.0), emulator.tcp_cap(direction, c)), 1.0)  # a trace may start at 0
+            t += link.latency + 4 * link.jitter.std + bits / rate
+        worst = max(worst, t)
+    net = scenario.network
+    shared = sum(n * bits / b for b in (net.server_uplink, net.server_downlink) if math.isfinite(b))
+    return DEADLINE_MARGIN * (worst + shared)
 
 
 @contextlib.contextmanager
@@ -415,11 +480,14 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
 
 
 def summarise(sim: Simulation, wall_s: float) -> RunResult:
-    return summarise_parts(sim.scenario, sim.stats, sim.metrics, sim.events, sim.algorithm, wall_s)
+    return summarise_parts(sim.scenario, sim.stats, sim.metrics, sim.events, sim.algorithm, wall_s, sim.server)
+
+
+DROP_REASONS = ("loss", "partition", "offline", "crashed", "deadline")
 
 
 def summarise_parts(scenario: Scenario, stats: Stats, metrics: list[RoundMetrics], events: EventLog,
-                    algorithm: Algorithm, wall_s: float) -> RunResult:
+                    algorithm: Algorithm, wall_s: float, server: "ServerSide | None" = None) -> RunResult:
     target = scenario.run.target_accuracy
     evaluated = [m for m in metrics if m.accuracy is not None]
     reached = next((m.sim_time_s for m in evaluated if target is not None and m.accuracy >= target), None)
@@ -446,6 +514,13 @@ def summarise_parts(scenario: Scenario, stats: Stats, metrics: list[RoundMetrics
         "messages_up": stats.messages_up,
         "messages_down": stats.messages_down,
         "counters": dict(sorted(stats.counters.items())),
+        # The network model's drops by reason; "deadline": replies that arrived after their
+        # gather had stopped waiting (counted "late").
+        "drops": {**{r: 0 for r in DROP_REASONS}, **(dict(server.drops) if server is not None else {}),
+                  "deadline": stats.counters.get("late", 0)},
+        "replies": {"received": sum(m.replies for m in metrics), "missed": sum(m.missed_replies for m in metrics)},
+        "round_deadline_s": server.round_deadline if server is not None else scenario.run.round_deadline,
+        "round_deadline_derived": server.deadline_derived if server is not None else False,
         "model_sha256": params_digest(algorithm.model_params()),
         "events_sha256": events.sha256(),
         "events": len(events.rows),

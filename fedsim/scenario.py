@@ -91,6 +91,8 @@ class Scenario:
     network: NetworkConfig
     raw: dict[str, Any] = field(repr=False)
     source: str = "<default>"
+    notes: list[str] = field(default_factory=list)
+    """One-line hints about settings that are valid but probably not what the user wants."""
 
     @property
     def algorithm_class(self) -> type[Algorithm]:
@@ -122,6 +124,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ScenarioError(assignment, None, "an override must look like section.key=value")
     dotted, text = assignment.split("=", 1)
+    set_value(raw, dotted, parse_value(text.strip()))
+
+
+def set_value(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set a dotted key (``"algorithm.qrr.bits"``) to a Python value in the raw tables."""
+    text = value
     parts = dotted.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ScenarioError(dotted, text, "an override key must be dotted, like network.uplink")
@@ -131,7 +139,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(nxt, dict):
             raise ScenarioError(".".join(parts[:i + 1]), nxt, "is not a table, cannot set a key inside it")
         table = nxt
-    table[parts[-1]] = parse_value(text.strip())
+    table[parts[-1]] = value
 
 
 def _line_of(text: str | None, section: str, key: str) -> int | None:
@@ -157,17 +165,23 @@ def _build(cls, section: str, values: Any, text: str | None, source: str):
         if key not in names:
             raise ScenarioError(f"{section}.{key}", value, f"unknown key (known: {', '.join(sorted(names))})",
                                 _line_of(text, section, key), source)
+    check_types(cls, section, values, text, source, section)
     try:
         return cls(**values)
     except ScenarioError as exc:
         key = exc.key.split(".", 1)[-1]
         raise ScenarioError(exc.key, exc.value, exc.reason, _line_of(text, section, key), source) from None
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ScenarioError(section, values, str(exc), source=source) from None
 
 
-def load_scenario(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
-    """Read a scenario (``None``: the embedded default), apply overrides, validate all of it."""
+def load_scenario(path: str | Path | None = None,
+                  overrides: list[str] | tuple[str, ...] | Mapping[str, Any] = ()) -> Scenario:
+    """Read a scenario (``None``: the embedded default), apply overrides, validate all of it.
+
+    ``overrides``: ``"section.key=value"`` strings (values parse as TOML, as ``--set``), or a
+    mapping of dotted keys to Python values (``{"algorithm.name": "qrr", "run.rounds": 5}``).
+    """
     text, source, base_dir = None, "<default>", SCENARIO_DIR
     raw: dict[str, Any] = {}
     if path is not None:
@@ -180,9 +194,20 @@ def load_scenario(path: str | Path | None = None, overrides: list[str] | tuple[s
         except tomllib.TOMLDecodeError as exc:
             raise ScenarioError("scenario", str(path), f"not valid TOML: {exc}", source=source) from None
     raw = copy.deepcopy(raw)
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    return from_dict(raw, text=text, source=source, base_dir=base_dir)
+    if isinstance(overrides, Mapping):
+        for dotted, value in overrides.items():
+            set_value(raw, dotted, value)
+        overridden = {k.strip() for k in overrides}
+    else:
+        for assignment in overrides:
+            apply_override(raw, assignment)
+        overridden = {a.split("=", 1)[0].strip() for a in overrides}
+    try:
+        return from_dict(raw, text=text, source=source, base_dir=base_dir)
+    except ScenarioError as exc:
+        if exc.key in overridden:  # the value came from an override, not from the file's line
+            raise ScenarioError(exc.key, exc.value, exc.reason, source="--set") from None
+        raise
 
 
 def from_dict(raw: dict[str, Any], *, text: str | None = None, source: str = "<dict>", base_dir: Path = SCENARIO_DIR) -> Scenario:
@@ -193,17 +218,7 @@ def from_dict(raw: dict[str, Any], *, text: str | None = None, source: str = "<d
     run = _build(RunConfig, "run", raw.get("run", {}), text, source)
     data = _build(DataConfig, "data", raw.get("data", {}), text, source)
     model = _build(ModelConfig, "model", raw.get("model", {}), text, source)
-    algo_raw = dict(raw.get("algorithm", {}))
-    if not isinstance(algo_raw, dict):
-        raise ScenarioError("algorithm", algo_raw, "must be a table", source=source)
-    name = algo_raw.pop("name", "fedavg")
-    try:
-        cls = get_algorithm(name)
-        algo = cls.make_config(algo_raw)
-    except ConfigError as exc:
-        raise ScenarioError(f"algorithm.{exc.key}", exc.value, exc.reason, _line_of(text, "algorithm", exc.key), source) from None
-    except TypeError as exc:
-        raise ScenarioError("algorithm", algo_raw, str(exc), source=source) from None
+    name, algo = resolve_algorithm(raw.get("algorithm", {}), text, source)
     sections = {k: raw[k] for k in NETWORK_SECTIONS if k in raw}
     try:
         network = parse_network(sections, data.clients, base_dir)
@@ -211,7 +226,9 @@ def from_dict(raw: dict[str, Any], *, text: str | None = None, source: str = "<d
         section, _, key = exc.key.partition(".")
         raise ScenarioError(exc.key, exc.value, exc.reason, _line_of(text, section, key.split(".")[-1]) if key else None,
                             source) from None
-    return Scenario(run, data, model, name, algo, network, raw, source)
+    scenario = Scenario(run, data, model, name, algo, network, raw, source)
+    scenario.notes = notes_for(scenario)
+    return scenario
 
 
 def _section_line(text: str | None, section: str) -> int | None:
@@ -221,3 +238,341 @@ def _section_line(text: str | None, section: str) -> int | None:
         if re.match(rf"\s*\[\[?\s*{re.escape(section)}\s*[\].]", line):
             return number
     return None
+
+
+# ----------------------------------------------------------------------------- types
+# Fields whose annotation says float but which also take a unit string ("90s").
+_UNIT_FIELDS = {("run", "round_deadline"), ("run", "max_wait")}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+               "None": "unset", "list": "a list"}
+
+
+def _allowed(annotation: Any) -> set[str] | None:
+    """Base type names an annotation admits (``"float | None"`` -> {float, None}); None when
+    the annotation is something this check does not understand (then it is not checked)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    names = set()
+    for part in text.split("|"):
+        part = part.strip()
+        base = part.split("[", 1)[0].strip()
+        if base in ("int", "float", "str", "bool", "None"):
+            names.add(base)
+        elif base in ("list", "tuple"):
+            names.add("list")
+        else:
+            return None
+    return names
+
+
+def _value_ok(value: Any, allowed: set[str]) -> bool:
+    if isinstance(value, bool):
+        return "bool" in allowed
+    if isinstance(value, int):
+        return bool({"int", "float"} & allowed)
+    if isinstance(value, float):
+        return "float" in allowed
+    if isinstance(value, str):
+        return "str" in allowed
+    if isinstance(value, list):
+        return "list" in allowed
+    return False
+
+
+def check_types(cls, section: str, values: Mapping[str, Any], text: str | None, source: str,
+                line_section: str | None = None, prefix: str | None = None) -> None:
+    """Refuse a value whose type the dataclass field cannot take, naming key and value
+    (so ``lr = "abc"`` is an error about ``algorithm.lr``, not a failed comparison)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    prefix = section if prefix is None else prefix
+    for key, value in values.items():
+        f = fields.get(key)
+        if f is None:
+            continue
+        allowed = _allowed(f.type)
+        if allowed is None:
+            continue
+        if (section, key) in _UNIT_FIELDS and isinstance(value, str):
+            continue
+        if not _value_ok(value, allowed):
+            want = " or ".join(_TYPE_WORDS[a] for a in sorted(allowed) if a != "None")
+            raise ScenarioError(f"{prefix}.{key}", value, f"expected {want}",
+                                _line_of(text, line_section or section, key), source)
+
+
+# ----------------------------------------------------------------------------- algorithm tables
+def resolve_algorithm(table: Any, text: str | None = None, source: str = "<dict>") -> tuple[str, Algorithm.Config]:
+    """The ``[algorithm]`` section: ``name``, keys for whichever method runs, and one table
+    per method (``[algorithm.fedavg] local_epochs = 2``) applied only when that method runs.
+
+    A key directly under ``[algorithm]`` (what ``--set algorithm.lr=0.1`` sets) applies to
+    the running method and wins over its table; it must be one of that method's keys. The
+    tables of other methods are validated as tables of known methods, then ignored, so a
+    scenario switches to any method with ``--set algorithm.name=X``.
+    """
+    from algorithms import algorithm_names
+
+    if not isinstance(table, dict):
+        raise ScenarioError("algorithm", table, "must be a table", source=source)
+    values = dict(table)
+    name = values.pop("name", "fedavg")
+    if not isinstance(name, str):
+        raise ScenarioError("algorithm.name", name, "expected a method name (a string)", _line_of(text, "algorithm", "name"),
+                            source)
+    known = algorithm_names()
+    tables = {k: v for k, v in values.items() if isinstance(v, dict)}
+    for k, v in tables.items():
+        if k not in known:
+            raise ScenarioError(f"algorithm.{k}", v, f"a table for an unknown method (known: {', '.join(known)})",
+                                _section_line(text, f"algorithm.{k}"), source)
+    for k, v in values.items():
+        if k in known and k not in tables:
+            raise ScenarioError(f"algorithm.{k}", v, f"the settings of method '{k}' must be a table "
+                                f"([algorithm.{k}], or --set algorithm.{k}.KEY=VALUE)", _line_of(text, "algorithm", k),
+                                source)
+    top = {k: v for k, v in values.items() if k not in tables}
+    try:
+        cls = get_algorithm(name)
+    except ConfigError as exc:
+        raise ScenarioError("algorithm.name", name, exc.reason, _line_of(text, "algorithm", "name"), source) from None
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    for key, value in top.items():
+        if key not in fields:
+            owners = [n for n in known if key in {f.name for f in dataclasses.fields(get_algorithm(n).Config)}]
+            reason = (f"not a key of '{name}' (it is one of {', '.join(owners)}); put it in a method's own table, "
+                      f"e.g. algorithm.{owners[0]}.{key}, to keep it when switching methods" if owners else
+                      f"unknown key for algorithm '{name}' (known: {', '.join(sorted(fields))})")
+            raise ScenarioError(f"algorithm.{key}", value, reason, _line_of(text, "algorithm", key), source)
+    own = tables.get(name, {})
+    for key, value in own.items():
+        if key not in fields:
+            raise ScenarioError(f"algorithm.{name}.{key}", value,
+                                f"unknown key for algorithm '{name}' (known: {', '.join(sorted(fields))})",
+                                _line_of(text, f"algorithm.{name}", key), source)
+    check_types(cls.Config, "algorithm", top, text, source)
+    check_types(cls.Config, name, own, text, source, f"algorithm.{name}", f"algorithm.{name}")
+    merged = {**own, **top}
+    try:
+        return name, cls.make_config(merged)
+    except ConfigError as exc:
+        key = f"algorithm.{exc.key}" if exc.key in top or exc.key not in own else f"algorithm.{name}.{exc.key}"
+        section = "algorithm" if key.count(".") == 1 else f"algorithm.{name}"
+        raise ScenarioError(key, exc.value, exc.reason, _line_of(text, section, exc.key), source) from None
+    except (TypeError, ValueError) as exc:
+        raise ScenarioError("algorithm", merged, f"{type(exc).__name__}: {exc}", source=source) from None
+
+
+def one_step_per_round(cls: type[Algorithm]) -> bool:
+    """True for methods whose clients send one gradient per round (no local training):
+    their Config has neither ``local_epochs`` nor ``local_steps``."""
+    names = {f.name for f in dataclasses.fields(cls.Config)}
+    return not names & {"local_epochs", "local_steps"}
+
+
+GRADIENT_ROUNDS_HINT = 200
+"""Below this many rounds a one-gradient-per-round method gets a hint (the README's
+results train them for 300 rounds at lr 0.5 to reach FedAvg's accuracy on digits)."""
+
+
+def notes_for(scenario: Scenario) -> list[str]:
+    """Hints for settings that run but probably disappoint. Shown by ``check`` and ``run``."""
+    notes = []
+    if one_step_per_round(scenario.algorithm_class) and scenario.run.rounds < GRADIENT_ROUNDS_HINT:
+        lr = scenario.algorithm.lr
+        notes.append(f"{scenario.algorithm_name} takes one gradient step per round: {scenario.run.rounds} rounds at "
+                     f"lr {lr} is far too few to train (the README's results use 300 rounds at lr 0.5): try "
+                     f"--set run.rounds=300" + (" --set algorithm.lr=0.5" if lr < 0.5 else ""))
+    if scenario.run.round_deadline is None and can_lose_replies(scenario.network):
+        notes.append("replies can be lost on this network and run.round_deadline is unset: each gather stops "
+                     "waiting at a deadline derived from the network and compute model (see `fedsim check`, "
+                     "summary.json round_deadline_s); set run.round_deadline to choose it")
+    return notes
+
+
+def can_lose_replies(net: NetworkConfig) -> bool:
+    """Whether a reply can fail to arrive at all (TCP retransmits lost packets; a datagram
+    with a lost packet, a corrupted message, an offline, crashed or partitioned client is
+    gone for good). Such scenarios need a round deadline, else a gather waits max_wait."""
+    links = (*net.uplinks, *net.downlinks)
+    if net.transport == "datagram" and any(l.loss.rate > 0 for l in links):
+        return True
+    if any(l.corrupt > 0 for l in links) or net.availability.model != "always":
+        return True
+    return any(e.action in ("partition", "crash") or (e.action == "loss_burst" and net.transport == "datagram")
+               for e in net.events)
+
+
+# ----------------------------------------------------------------------------- field docs
+@dataclass
+class FieldDoc:
+    name: str
+    type: str
+    default: Any
+    doc: str
+
+
+def field_docs(cls) -> list[FieldDoc]:
+    """A dataclass's fields with their defaults and the docstring written under each
+    (read from the source of the class and its bases, nearest first)."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in cls.__mro__:
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:]):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                docs.setdefault(a.target.id, " ".join(b.value.value.split()))
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = None
+        out.append(FieldDoc(f.name, f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+                            default, docs.get(f.name, "")))
+    return out
+
+
+# ----------------------------------------------------------------------------- resolved TOML
+def resolved(scenario: Scenario) -> dict[str, Any]:
+    """Every value the scenario runs with, defaults included, as TOML-ready tables.
+
+    Unset optional values (TOML has no null) are left out; ``to_toml`` notes them. The
+    network sections are the scenario's own, with the defaults of the keys it left out
+    filled in only where that provably parses to the same network (else as written).
+    """
+    def plain(obj) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(obj).items()}
+
+    out: dict[str, Any] = {"run": plain(scenario.run), "data": plain(scenario.data), "model": plain(scenario.model)}
+    algo: dict[str, Any] = {"name": scenario.algorithm_name, scenario.algorithm_name: plain(scenario.algorithm)}
+    for k, v in (scenario.raw.get("algorithm") or {}).items():
+        if isinstance(v, dict) and k != scenario.algorithm_name:
+            algo[k] = copy.deepcopy(v)
+    out["algorithm"] = algo
+    out.update(_network_resolved(scenario))
+    return out
+
+
+def _human(x: float, units: list[tuple[str, float]]) -> Any:
+    if x == float("inf"):
+        return "unlimited"
+    for unit, factor in units:
+        if x >= factor or factor == units[-1][1]:
+            v = x / factor
+            if v * factor == x:
+                return f"{v:g}{unit}" if float(f"{v:g}") == v else f"{v!r}{unit}"
+    return x
+
+
+def _network_resolved(scenario: Scenario) -> dict[str, Any]:
+    from network.config import DEFAULT_DOWNLINK_BPS, DEFAULT_LATENCY_S, DEFAULT_MTU_BYTES, DEFAULT_SPEED_FLOPS, Tcp
+
+    raw = {k: copy.deepcopy(scenario.raw[k]) for k in NETWORK_SECTIONS if k in scenario.raw}
+    bps = [("Gbps", 1e9), ("Mbps", 1e6), ("kbps", 1e3), ("bps", 1.0)]
+    sec = [("s", 1.0), ("ms", 1e-3), ("us", 1e-6)]
+    from network.config import DEFAULT_UPLINK_BPS
+    defaults = {
+        "network": {"uplink": _human(DEFAULT_UPLINK_BPS, bps), "downlink": _human(DEFAULT_DOWNLINK_BPS, bps),
+                    "latency": _human(DEFAULT_LATENCY_S, sec), "jitter": "0ms", "loss": 0.0, "duplicate": 0.0,
+                    "corrupt": 0.0, "transport": "tcp", "mtu": f"{DEFAULT_MTU_BYTES}B",
+                    "server": {"uplink": "unlimited", "downlink": "unlimited"},
+                    "tcp": {"min_rto": _human(Tcp().min_rto, sec), "delayed_ack": False}},
+        "stragglers": {"distribution": "none", "speed": DEFAULT_SPEED_FLOPS, "sigma": 0.5, "alpha": 2.0, "noise": 0.0},
+        "availability": {"model": "always"},
+    }
+    filled = copy.deepcopy(raw)
+    for section, table in defaults.items():
+        if section == "availability" and section in filled:
+            continue
+        mine = filled.setdefault(section, {})
+        if not isinstance(mine, dict):
+            return raw
+        for k, v in table.items():
+            if isinstance(v, dict):
+                sub = mine.setdefault(k, {})
+                if isinstance(sub, dict):
+                    for kk, vv in v.items():
+                        sub.setdefault(kk, vv)
+            else:
+                mine.setdefault(k, v)
+    try:
+        same = parse_network(filled, scenario.data.clients, Path(scenario.source).parent
+                             if scenario.source not in ("<default>", "<dict>") else SCENARIO_DIR) == scenario.network
+    except (NetworkConfigError, ValueError, TypeError):
+        same = False
+    return filled if same else raw
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else '"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _toml_value(v: Any) -> str:
+    import json
+    import math
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def to_toml(tables: Mapping[str, Any], header: str = "") -> str:
+    """Write nested tables as TOML (tables, sub-tables, arrays of tables); ``None`` values
+    are written as comments (TOML has no null)."""
+    lines: list[str] = [f"# {l}" if l else "#" for l in header.splitlines()]
+
+    def emit(path: list[str], table: Mapping[str, Any]) -> None:
+        scalars = {k: v for k, v in table.items()
+                   if not isinstance(v, dict) and not (isinstance(v, list) and v and all(isinstance(x, dict) for x in v))}
+        if path:
+            if lines:
+                lines.append("")
+            lines.append("[" + ".".join(_toml_key(p) for p in path) + "]")
+        for k, v in scalars.items():
+            if v is None:
+                lines.append(f"# {_toml_key(k)} is unset")
+            else:
+                lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit([*path, k], v)
+        for k, v in table.items():
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                for item in v:
+                    lines.append("")
+                    lines.append("[[" + ".".join(_toml_key(p) for p in [*path, k]) + "]]")
+                    for kk, vv in item.items():
+                        if isinstance(vv, dict):
+                            lines.append(f"{_toml_key(kk)} = {_toml_value(vv)}")
+                        elif vv is not None:
+                            lines.append(f"{_toml_key(kk)} = {_toml_value(vv)}")
+
+    emit([], tables)
+    return "\n".join(lines) + "\n"

@@ -45,6 +45,9 @@ class ServerRole(Actor):
         """Called every ``report_every_s`` seconds while a gather waits: (kind, missing, waited)."""
         self.report_every_s = 5.0
         self._report_handle: asyncio.TimerHandle | None = None
+        self.replies_received = 0
+        """Replies accepted by gathers since the start (metrics.csv takes per-round differences)."""
+        self.replies_missed = 0
         node.actors[SERVER] = self
 
     # --- ServerComm ----------------------------------------------------------------
@@ -96,7 +99,9 @@ class ServerRole(Actor):
                     self._report_handle = None
         self._gather = None
         missing = sorted(expected - g.replies.keys())
+        self.replies_received += len(g.replies)
         if missing:
+            self.replies_missed += len(missing)
             self.stats.count("missed_replies", len(missing))
             self._log("gather_timeout", round=self.round, kind=kind, missing=len(missing),
                       first_missing=missing[:10], waited_s=wait)
