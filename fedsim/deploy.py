@@ -185,24 +185,37 @@ class JoinResult:
 
 
 class _Monitor:
-    """Watches a DEALER's handshakes: CURVE failures end the join with a clear reason."""
+    """Watches a DEALER's handshakes: CURVE failures end the join with a clear reason.
 
-    FAILURES = {
-        getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0x8000): "authentication failed: the server does not accept this key",
-        getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0x4000): "handshake failed: wrong server key, or not a fedsim server",
-    }
+    With a key the server does not know, libzmq 4.3 reports HANDSHAKE_FAILED_NO_DETAIL on
+    the client (the server's ZAP handler refuses and drops the connection); the joiner
+    gives up after a few such refusals in a row with no handshake succeeding in between.
+    """
+
+    FAILED = (getattr(zmq, "EVENT_HANDSHAKE_FAILED_NO_DETAIL", 0x0800),
+              getattr(zmq, "EVENT_HANDSHAKE_FAILED_PROTOCOL", 0x2000),
+              getattr(zmq, "EVENT_HANDSHAKE_FAILED_AUTH", 0x4000))
+    SUCCEEDED = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", 0x1000)
+    REFUSALS = 3
 
     def __init__(self, socket: zmq.Socket, loop: asyncio.AbstractEventLoop):
         self.failure: str | None = None
-        self.socket = socket.get_monitor_socket(sum(self.FAILURES))
+        self.refusals = 0
+        self.socket = socket.get_monitor_socket(sum(self.FAILED) | self.SUCCEEDED)
         self.loop = loop
         loop.add_reader(self.socket.getsockopt(zmq.FD), self._read)
         loop.call_soon(self._read)
 
     def _read(self) -> None:
         while self.socket.get(zmq.EVENTS) & zmq.POLLIN:
-            event = zmq.utils.monitor.recv_monitor_message(self.socket, zmq.NOBLOCK)
-            self.failure = self.failure or self.FAILURES.get(event["event"])
+            event = zmq.utils.monitor.recv_monitor_message(self.socket, zmq.NOBLOCK)["event"]
+            if event == self.SUCCEEDED:
+                self.refusals = 0
+            elif event in self.FAILED:
+                self.refusals += 1
+                if self.refusals >= self.REFUSALS:
+                    self.failure = ("authentication failed: the server refuses this key's CURVE handshake "
+                                    "(not in its keys directory, or this is not the server.key it expects)")
 
     def close(self) -> None:
         self.loop.remove_reader(self.socket.getsockopt(zmq.FD))

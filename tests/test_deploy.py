@@ -39,16 +39,4 @@ def test_server_and_two_client_processes_over_tcp(tmp_path, curve):
     assert s["counters"].get("rejected", 0) == 0
 
 
-def test_curve_rejects_a_client_without_the_servers_trust(tmp_path):
-    keys = make_keys(tmp_path / "keys")
-    other = make_keys(tmp_path / "other")  # a key pair the server never admitted
-    procs = []
-
-    def ready(address):
-        procs.append(_join(address, "0-3", other))
-
-    with pytest.raises(TimeoutError):
-        serve(load_scenario(None, OVERRIDES), "tcp://127.0.0.1:0", keys=keys, ready=ready, registration_timeout=5)
-    for p in procs:
-        p.kill()
-        p.communicate()
+# A key the server does not know, and a key claiming another key's ids: tests/test_deploy_survives.py

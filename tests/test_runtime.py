@@ -49,7 +49,8 @@ def test_outputs_written(tmp_path):
 def test_sgd_round_time_matches_link_formula():
     """10 clients, 1 Mbps uplinks, 50 ms latency: per round, downlink leg + compute + uplink leg."""
     s = load_scenario(None, ["data.clients=10", "algorithm.name=sgd", "run.rounds=3", "network.uplink=1Mbps",
-                             "network.downlink=10Mbps", "network.latency=50ms", "model.hidden=[2048]"])
+                             "network.downlink=10Mbps", "network.latency=50ms", "model.hidden=[2048]",
+                             "network.transport=datagram"])  # the fluid formula: no TCP window or headers
     result = run(s)
     up = result.summary["uplink_bytes"] / result.summary["messages_up"]
     down = result.summary["downlink_bytes"] / result.summary["messages_down"]

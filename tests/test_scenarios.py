@@ -128,7 +128,9 @@ def check_shared_bottleneck(o: Outcome) -> None:
         # All downloads share the server uplink and finish together; uploads start within
         # a few ms of each other and keep the server downlink busy until the last ends.
         shared = 8 * down / net.server_uplink + 8 * per_round_up / net.server_downlink + 2 * latency
-        assert shared <= t <= shared + 0.02, (r, t, shared)
+        # TCP adds per-segment headers, handshakes and slow start on top of the fluid time
+        # (tests/test_network_tcp.py checks those terms exactly); here: the sharing decides.
+        assert shared <= t <= 1.15 * shared + 0.02, (r, t, shared)
     alone = 8 * per_round_up / n / net.uplinks[0].bandwidth_at(0)
     assert min(o.round_times()) > 10 * alone, "without sharing an upload would take ~16 ms"
 
