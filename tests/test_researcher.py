@@ -129,6 +129,10 @@ def test_gradient_method_with_few_rounds_gets_a_hint(capsys):
     assert fedsim.load("scenarios/default.toml", {"algorithm.name": "qrr"}).notes
     assert not fedsim.load("scenarios/default.toml").notes
     assert not fedsim.load("scenarios/default.toml", {"algorithm.name": "qrr", "run.rounds": 300}).notes
+    # FeDLRT's defaults (one epoch of a Fashion-MNIST client) are ~84 passes over a digits client
+    (note,) = fedsim.load("scenarios/default.toml", {"algorithm.name": "fedlrt"}).notes
+    assert "local_steps=4" in note
+    assert not fedsim.load(None, {"algorithm.name": "fedlrt", "data.dataset": "fashion-mnist"}).notes
 
 
 # ------------------------------------------------------------------------------ no silent foot-guns
