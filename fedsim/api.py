@@ -76,10 +76,18 @@ def load(scenario: str | Path | None = None, overrides: Overrides = None):
 
 
 def check(scenario: str | Path | None = None, overrides: Overrides = None) -> str:
-    """Validate without running; the resolved scenario as TOML (every value, defaults
-    included). Fed back to :func:`run` it runs the same thing (same ``model_sha256``)."""
+    """Validate without running (the scenario, the data set's presence, the method's fit to
+    the model); the resolved scenario as TOML (every value, defaults included). Fed back to
+    :func:`run` it runs the same thing (same ``model_sha256``)."""
+    from .data import load_dataset
+    from .models import build_model
+    from .runner import make_algorithm
     from .scenario import resolved, to_toml
     sc = load(scenario, overrides)
+    # What `run` checks before its first round: the data set is there, and the method's
+    # settings fit the model (a rank above a layer's size, a low-rank method on a CNN).
+    data = load_dataset(sc.data, sc.run.seed)
+    make_algorithm(sc, build_model(sc.model, data.input_shape, data.num_classes, sc.run.seed))
     header = f"resolved from {sc.source}" + "".join(f"\nnote: {n}" for n in sc.notes)
     return to_toml(resolved(sc), header)
 

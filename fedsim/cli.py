@@ -137,6 +137,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ScenarioError as exc:
         _say(console, "scenario error", exc)
         return 2
+    except DataError as exc:
+        _say(console, "data error", exc)
+        return 2
     _notes(console, scenario.notes)
     if args.out:
         Path(args.out).write_text(text)

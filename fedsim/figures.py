@@ -103,6 +103,9 @@ def sweep_figure(rows: list[dict[str, Any]], target: float | None):
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     above = blended_transform_factory(ax1.transData, ax1.transAxes)
     any_missed = False
+    # one row of hollow markers per method that missed somewhere, so they never hide each other
+    missing_rows = [a for a in algorithms if any(r["algorithm"] == a and r["time_to_target_s"] is None for r in rows)]
+    row_y = {a: 1.04 + 0.045 * k for k, a in enumerate(missing_rows)}
     for i, a in enumerate(algorithms):
         color = colors[i % len(colors)]
         mine = sorted((r for r in rows if r["algorithm"] == a), key=lambda r: r["uplink_bps"])
@@ -116,14 +119,14 @@ def sweep_figure(rows: list[dict[str, Any]], target: float | None):
             any_missed = True
             # Drawn above the axes, hollow, never on the time axis: a method that never got
             # there must not look faster than one that did.
-            ax1.plot([r["uplink_bps"] / 1e6 for r in missed], [1.05] * len(missed), "o", markerfacecolor="none",
+            ax1.plot([r["uplink_bps"] / 1e6 for r in missed], [row_y[a]] * len(missed), "o", markerfacecolor="none",
                      markeredgecolor=color, markersize=9, transform=above, clip_on=False, gid="not_reached",
                      label="_nolegend_")
         ax2.errorbar([r["uplink_bps"] / 1e6 for r in mine], [r["final_accuracy"] for r in mine],
                      yerr=[r.get("final_accuracy_sd") or 0.0 for r in mine], fmt="o-", color=color, capsize=3, label=a)
         ax3.bar(a, mine[0]["uplink_bytes"] / 1e6, color=color)
     if any_missed:
-        ax1.text(1.0, 1.05, " not reached", transform=ax1.transAxes, va="center", ha="left", fontsize="small",
+        ax1.text(1.0, 1.04, " not reached", transform=ax1.transAxes, va="center", ha="left", fontsize="small",
                  gid="not_reached_label", clip_on=False)
     ax1.set_xscale("log")
     if any(r["time_to_target_s"] for r in rows):
@@ -133,7 +136,7 @@ def sweep_figure(rows: list[dict[str, Any]], target: float | None):
         ax1.text(0.5, 0.5, "no cell reached the target", transform=ax1.transAxes, ha="center", va="center")
     ax1.set_xlabel("client uplink (Mbit/s)")
     ax1.set_ylabel(f"simulated time to accuracy {target} (s)")
-    ax1.set_title("bandwidth wall", pad=18)
+    ax1.set_title("bandwidth wall", pad=12 + 14 * len(missing_rows))
     ax1.grid(True, which="both", alpha=0.3)
     handles = [Line2D([], [], color=colors[i % len(colors)], marker="o", label=a) for i, a in enumerate(algorithms)]
     if any_missed:

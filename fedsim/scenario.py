@@ -381,11 +381,36 @@ def notes_for(scenario: Scenario) -> list[str]:
         notes.append(f"{scenario.algorithm_name} takes one gradient step per round: {scenario.run.rounds} rounds at "
                      f"lr {lr} is far too few to train (the README's results use 300 rounds at lr 0.5): try "
                      f"--set run.rounds=300" + (" --set algorithm.lr=0.5" if lr < 0.5 else ""))
+    cfg = dataclasses.asdict(scenario.algorithm)
+    per_client = _train_samples(scenario.data) / scenario.data.clients if _train_samples(scenario.data) else None
+    if "local_steps" in cfg and per_client:
+        passes = cfg["local_steps"] * (cfg.get("batch_size") or per_client) / per_client
+        if passes > LOCAL_PASSES_HINT:
+            steps = max(1, round(2 * per_client / (cfg.get("batch_size") or per_client)))
+            notes.append(f"{scenario.algorithm_name}: local_steps = {cfg['local_steps']} is ~{passes:.0f} passes over a "
+                         f"client's ~{per_client:.0f} samples each round, slow to simulate; for two passes: "
+                         f"--set algorithm.{scenario.algorithm_name}.local_steps={steps}")
     if scenario.run.round_deadline is None and can_lose_replies(scenario.network):
         notes.append("replies can be lost on this network and run.round_deadline is unset: each gather stops "
                      "waiting at a deadline derived from the network and compute model (see `fedsim check`, "
                      "summary.json round_deadline_s); set run.round_deadline to choose it")
     return notes
+
+
+LOCAL_PASSES_HINT = 20
+"""Above this many passes over a client's data per round a local-steps method gets a hint
+(FeDLRT's and FedLoRU's defaults are one epoch of a 6,000-sample Fashion-MNIST client)."""
+
+
+def _train_samples(data: DataConfig) -> int | None:
+    """Training samples of the data set before partitioning, where known without loading it."""
+    if data.dataset == "digits":
+        return round(1797 * (1 - data.test_fraction))  # scikit-learn's digits: 1,797 images
+    if data.dataset == "fashion-mnist":
+        return 60_000
+    if data.dataset == "synthetic":
+        return round(data.synthetic_samples * (1 - data.test_fraction))
+    return None
 
 
 def can_lose_replies(net: NetworkConfig) -> bool:

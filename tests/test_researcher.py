@@ -129,6 +129,10 @@ def test_gradient_method_with_few_rounds_gets_a_hint(capsys):
     assert fedsim.load("scenarios/default.toml", {"algorithm.name": "qrr"}).notes
     assert not fedsim.load("scenarios/default.toml").notes
     assert not fedsim.load("scenarios/default.toml", {"algorithm.name": "qrr", "run.rounds": 300}).notes
+    # FeDLRT's defaults (one epoch of a Fashion-MNIST client) are ~84 passes over a digits client
+    (note,) = fedsim.load("scenarios/default.toml", {"algorithm.name": "fedlrt"}).notes
+    assert "local_steps=4" in note
+    assert not fedsim.load(None, {"algorithm.name": "fedlrt", "data.dataset": "fashion-mnist"}).notes
 
 
 # ------------------------------------------------------------------------------ no silent foot-guns
@@ -333,3 +337,10 @@ def test_folder_dataset_errors_are_one_line(tmp_path, capsys):
 from tests.statesync import state_sync_machine  # noqa: E402
 
 TestTopkSurvivesReplays = state_sync_machine("topk", replay=True).TestCase
+
+
+def test_check_catches_what_run_would_refuse_before_its_first_round(capsys):
+    assert main(["check", "--set", "algorithm.name=fedlrt", "--set", "model.kind=cnn"]) == 2
+    assert "algorithm.rank" in capsys.readouterr().err
+    assert main(["check", "--set", "data.dataset=folder", "--set", "data.data_dir=/nonexistent"]) == 2
+    assert "no train.npz" in capsys.readouterr().err
