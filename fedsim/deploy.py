@@ -297,7 +297,7 @@ def join(scenario: Scenario, connect: str, client_ids: list[int], *, keys: str |
                         raise DeployError(f"the server kept refusing: {refusal.get('reason')}", 1)
                     if now >= next_hello:
                         node.hello(sorted(side.clients))
-                        next_hello, backoff = now + backoff, min(backoff * 2, 8.0)
+                        next_hello, backoff = now + backoff, min(backoff * 2, run.peer_timeout, 8.0)
                 else:
                     if not was_welcomed:
                         say(f"joined as clients {format_clients(client_ids)}")

@@ -361,7 +361,12 @@ class Node:
             self.stats.count("session_superseded")
             rejoin = True
         previous = self.sessions.get(peer)
-        if previous is not None and previous.session != session_id:
+        if previous is not None and previous.session == session_id and previous.clients == sorted(clients):
+            # the same session saying hello again (it lost word of us for a while): welcome it back
+            previous.last_seen = self._now()
+            self._control(WELCOME, {"server_session": self.session, "resumed": self.resumed}, peer)
+            return
+        if previous is not None:
             self._drop_session(peer)
         rejoin = rejoin or bool(self._ever_joined & set(clients))
         self.sessions[peer] = PeerSession(peer, session_id, key, sorted(clients), self._now())

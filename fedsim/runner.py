@@ -227,12 +227,13 @@ class ServerSide:
         self.loop.call_later(restart_after or 0.0, self._restart)
 
     def _restart(self) -> None:
-        self.restarts += 1
+        restarts = self.restarts + 1
         if self._checkpoint is not None:
             self.restore(checkpoint.loads(self._checkpoint), traffic=False)
         else:  # crashed before the first round completed: start over
             self.algorithm = self.role.algorithm = make_algorithm(self.scenario, self.model)
             self.metrics, self.next_round, self.node.resumed = [], 0, -1
+        self.restarts = restarts
         self.node.actors[SERVER_ID] = self.role
         self.node.session = f"server-{self.restarts}"
         self.events("server_restart", resumed=self.node.resumed)

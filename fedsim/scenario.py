@@ -242,7 +242,7 @@ def _section_line(text: str | None, section: str) -> int | None:
 
 # ----------------------------------------------------------------------------- types
 # Fields whose annotation says float but which also take a unit string ("90s").
-_UNIT_FIELDS = {("run", "round_deadline"), ("run", "max_wait")}
+_UNIT_FIELDS = {("run", "round_deadline"), ("run", "max_wait"), ("run", "heartbeat"), ("run", "peer_timeout")}
 _TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
                "None": "unset", "list": "a list"}
 

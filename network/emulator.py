@@ -175,6 +175,7 @@ class Emulator:
         self._rngs: dict[tuple, np.random.Generator] = {}
         self._ge: dict[tuple[str, int], GilbertElliott] = {}
         self._runtime_cb: Callable[[dict], None] | None = None
+        self._rounds_started: set[int] = set()
         self._pending_runtime: list[dict] = []
         self._trace_gen: dict[tuple[str, int], int] = {}
         self._batch_pending = False
@@ -714,7 +715,11 @@ class Emulator:
     def start_round(self, round: int) -> list[dict]:
         """Fire the events scheduled ``at_round = round`` (in file order); returns the
         runtime-level ones (crash / restart) for the runtime to act on. A crash's
-        ``restart_after`` restart comes later through the ``on_runtime_event`` callback."""
+        ``restart_after`` restart comes later through the ``on_runtime_event`` callback.
+        A round that starts again (after a server restart) does not fire its events twice."""
+        if round in self._rounds_started:
+            return []
+        self._rounds_started.add(round)
         now = self._now()
         out: list[dict] = []
         for ev in self.config.events:
