@@ -581,11 +581,12 @@ class Emulator:
         keeps it ahead of the ACK clock), so the rest of the message joins the chunk: one
         flow instead of one per round trip."""
         fluid = self._fluid
-        for tr in self._opening:
+        live = [tr for tr in self._opening
+                if tr.conn is not None and tr.tid in fluid.flows and self._transfers.get(tr.tid) is tr]
+        # All rates first (one solve), then the growth (which moves no rate).
+        rates = [fluid.rate(tr.tid) for tr in live]
+        for tr, x in zip(live, rates):
             conn = tr.conn
-            if tr.tid not in fluid.flows or self._transfers.get(tr.tid) is not tr or conn is None:
-                continue
-            x = fluid.rate(tr.tid)
             if conn.window.cwnd * self._seg_bits >= x * self.rtt(tr.client):
                 extra = tr.bits - tr.chunk
                 if extra > 0:
