@@ -2,8 +2,9 @@
 
 One ``Emulator`` sits at the server's node. In a star topology every flow touches the
 server, so it sees every transfer: it keeps the fluid model of bandwidth sharing
-(:mod:`network.fluid`), draws each message's fate from seeded per-purpose, per-link
-streams, runs the scripted timeline and the availability process, and calls the
+(:mod:`network.fluid`), the TCP connections (handshake, a congestion window stepped per
+round trip, per-segment headers: one fluid flow per window-limited round trip, see
+``_Conn``), draws each message's fate from seeded per-purpose, per-link streams, runs the scripted timeline and the availability process, and calls the
 receiver's ``deliver(corrupt)`` at the delivery time through the clock.
 
 It is clock-agnostic: all timing goes through ``Clock.now`` and ``Clock.call_at``, so the
