@@ -4,6 +4,9 @@
 every transfer (Padhye's formula, as before the per-link cache) and the general max-min
 solver for every component (``FluidNetwork.shared_min = inf``, no single-bottleneck fast
 path). "new" is the code as shipped. Both give the same delivery times (checked here).
+Under TCP (the default) those times come from the per-round window model (handshake, slow
+start, loss response: docs/network-model.md section 3b); the cached response function is
+reported by ``tcp_cap`` but caps no flow, so the "old" cap only costs its evaluation.
 
 Run: python bench/network_model.py            (about a minute on 2 cores)
      python bench/network_model.py --quick    (emulator only, small old-solver sizes)

@@ -18,9 +18,12 @@ heavy tail of repeated, exponentially backed-off retransmission timeouts, printe
 range). The last line is the mean and the max absolute
 relative error of fedsim against ns-3.
 
-Run: python bench/validate_ns3.py                  (a few minutes on 2 shared cores)
+Run: python bench/validate_ns3.py                  (4-6 minutes on 2 shared cores, 1-4 of them
+                                                     loading ns-3)
      python bench/validate_ns3.py --cache FILE      (reuse/store the ns-3 figures in FILE)
-     python bench/validate_ns3.py --fedsim-only --cache FILE
+     python bench/validate_ns3.py --fedsim-only --cache bench/validate_ns3_reference.json
+                                                    (fedsim's side against the stored ns-3 runs
+                                                     that docs/network-model.md reports; no ns-3)
 """
 from __future__ import annotations
 

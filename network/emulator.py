@@ -2,8 +2,9 @@
 
 One ``Emulator`` sits at the server's node. In a star topology every flow touches the
 server, so it sees every transfer: it keeps the fluid model of bandwidth sharing
-(:mod:`network.fluid`), draws each message's fate from seeded per-purpose, per-link
-streams, runs the scripted timeline and the availability process, and calls the
+(:mod:`network.fluid`), the TCP connections (handshake, a congestion window stepped per
+round trip, per-segment headers: one fluid flow per window-limited round trip, see
+``_Conn``), draws each message's fate from seeded per-purpose, per-link streams, runs the scripted timeline and the availability process, and calls the
 receiver's ``deliver(corrupt)`` at the delivery time through the clock.
 
 It is clock-agnostic: all timing goes through ``Clock.now`` and ``Clock.call_at``, so the
@@ -582,11 +583,12 @@ class Emulator:
         keeps it ahead of the ACK clock), so the rest of the message joins the chunk: one
         flow instead of one per round trip."""
         fluid = self._fluid
-        for tr in self._opening:
+        live = [tr for tr in self._opening
+                if tr.conn is not None and tr.tid in fluid.flows and self._transfers.get(tr.tid) is tr]
+        # All rates first (one solve), then the growth (which moves no rate).
+        rates = [fluid.rate(tr.tid) for tr in live]
+        for tr, x in zip(live, rates):
             conn = tr.conn
-            if tr.tid not in fluid.flows or self._transfers.get(tr.tid) is not tr or conn is None:
-                continue
-            x = fluid.rate(tr.tid)
             if conn.window.cwnd * self._seg_bits >= x * self.rtt(tr.client):
                 extra = tr.bits - tr.chunk
                 if extra > 0:

@@ -407,13 +407,17 @@ class FluidNetwork:
             return
         if f.group is not None:
             f.group.grow(f, float(bits), self.now)
-        else:
-            self._settle(f)
-            f.remaining += bits
-            f.total += bits
-            f.version += 1
-            f.fresh = True
-            self._dirty_flows[fid] = f
+            return
+        self._settle(f)
+        f.remaining += bits
+        f.total += bits
+        f.version += 1
+        if f.fresh or fid in self._dirty_flows:
+            return              # the pending solve predicts its completion
+        # Its rate does not change (no other flow's does): only its predicted end moves.
+        eta = f.eta()
+        if math.isfinite(eta):
+            heapq.heappush(self._heap, (f.since + eta, f.order, f.version, f.fid))
 
     def set_cap(self, fid: FlowId, cap: float) -> None:
         f = self.flows[fid]
