@@ -124,6 +124,8 @@ def serve(scenario: Scenario, bind: str, *, keys: str | Path | None = None, out_
         server = ServerSide(scenario, loop, transport, dataset, model, algorithm, events, stats, limits,
                             emulate=run.emulate, session=os.urandom(8).hex())
         server.node.authorize = authorize
+        if keys is not None:
+            server.emulator.set_security("curve")  # its handshake costs more round trips
         if out_dir is not None:
             server.checkpoints, server.checkpoint_dir = True, Path(out_dir)
         if state is not None:
@@ -133,10 +135,18 @@ def serve(scenario: Scenario, bind: str, *, keys: str | Path | None = None, out_
         server.role.report_waiting = lambda kind, missing, waited: say(
             f"round {server.role.round + 1}: waiting {waited:.0f}s for {len(missing)} {kind!r} "
             f"repl{'y' if len(missing) == 1 else 'ies'} (clients {format_clients(missing)})")
-        server.node.on_join = lambda clients, rejoin: (server.role.joined(clients, rejoin), say(
-            f"{'rejoined' if rejoin else 'joined'}: clients {format_clients(clients)}"))
-        server.node.on_dead = lambda clients: (server.role.forget(clients), say(
-            f"no sign of life for {run.peer_timeout:g}s: clients {format_clients(clients)} are gone; not waiting for them"))
+
+        def on_join(clients: list[int], rejoin: bool) -> None:
+            server.role.joined(clients, rejoin)
+            if rejoin:
+                server.emulator.reset_connections(clients)  # a new process: a new connection
+            say(f"{'rejoined' if rejoin else 'joined'}: clients {format_clients(clients)}")
+
+        def on_dead(clients: list[int]) -> None:
+            server.role.forget(clients)
+            say(f"no sign of life for {run.peer_timeout:g}s: clients {format_clients(clients)} are gone; "
+                "not waiting for them")
+        server.node.on_join, server.node.on_dead = on_join, on_dead
         if ready is not None:
             ready(transport.address)
         interrupted = _install_interrupt(loop, lambda: (setattr(server, "stop_requested", True),

@@ -234,6 +234,7 @@ class ServerSide:
             self.algorithm = self.role.algorithm = make_algorithm(self.scenario, self.model)
             self.metrics, self.next_round, self.node.resumed = [], 0, -1
         self.restarts = restarts
+        self.emulator.reset_connections()  # every client reconnects to the new process
         self.node.actors[SERVER_ID] = self.role
         self.node.session = f"server-{self.restarts}"
         self.events("server_restart", resumed=self.node.resumed)

@@ -223,9 +223,11 @@ def from_dict(raw: dict[str, Any], *, text: str | None = None, source: str = "<d
     try:
         network = parse_network(sections, data.clients, base_dir)
     except NetworkConfigError as exc:
-        section, _, key = exc.key.partition(".")
-        raise ScenarioError(exc.key, exc.value, exc.reason, _line_of(text, section, key.split(".")[-1]) if key else None,
-                            source) from None
+        parts = exc.key.split(".")
+        # [network.tcp] / [network.server] keys sit in their own table; others in [network]
+        line = (_line_of(text, ".".join(parts[:-1]), parts[-1]) or _line_of(text, parts[0], parts[-1])
+                if len(parts) > 1 else None)
+        raise ScenarioError(exc.key, exc.value, exc.reason, line, source) from None
     scenario = Scenario(run, data, model, name, algo, network, raw, source)
     scenario.notes = notes_for(scenario)
     return scenario

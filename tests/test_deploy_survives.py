@@ -21,7 +21,7 @@ def _sets(overrides):
 
 def _overrides(algorithm, rounds, latency="60ms", extra=()):
     out = [f"algorithm.name={algorithm}", f"run.rounds={rounds}", "data.clients=4", f"network.latency={latency}",
-           "run.heartbeat=0.25s", "run.peer_timeout=1.5s"]
+           "run.heartbeat=0.5s", "run.peer_timeout=3s"]
     if algorithm == "fedavg":
         out.append("algorithm.local_epochs=1")
     return out + list(extra)
@@ -59,8 +59,9 @@ def test_kill9_server_then_resume_gives_the_uninterrupted_model(tmp_path, algori
 
 @pytest.mark.parametrize("algorithm", ["qrr", "powersgd"])
 def test_kill9_join_server_goes_on_and_the_same_command_rejoins(tmp_path, algorithm):
-    rounds = 40
-    overrides = _overrides(algorithm, rounds, latency="40ms")
+    rounds = 60
+    # 150 ms each way: a round lasts about half a second, long enough for a process to start
+    overrides = _overrides(algorithm, rounds, latency="150ms")
     address = f"tcp://127.0.0.1:{free_port()}"
     out = tmp_path / "run"
     server = Fedsim("serve", "--bind", address, "--out", str(out), "--wait", "60", *_sets(overrides))
@@ -69,7 +70,7 @@ def test_kill9_join_server_goes_on_and_the_same_command_rejoins(tmp_path, algori
     victim = Fedsim(*join_args)
     again = None
     try:
-        server.wait_for(r"round 3/40", 90)
+        server.wait_for(r"round 3/60", 90)
         # The same command again, started before the kill so that its start-up time does not
         # count: while the old session lives it is refused (ids held) and keeps retrying.
         again = Fedsim(*join_args)
