@@ -1,5 +1,16 @@
 """FeDLRT: federated dynamical low-rank training (Schotthöfer & Laiu, arXiv 2406.17887).
 
+Source followed: the paper's algorithm (basis broadcast, augmentation with the averaged basis
+gradients, coefficient training with full / simplified / no variance correction, truncation),
+as this module's first version transcribed it. For this revision only the paper's abstract
+could be read from here (no authors' code was found in the index), so two things are not
+checked against the paper's text: its descent theorem's exact step bound (the test's
+λ = 1/(12 L s) in tests/test_fedlrt.py is the project's own choice of the bound's form
+λ ≲ 1/(L s)) and its exact truncation criterion (here the relative tail
+||σ[r1:]||₂ <= θ ||σ||₂). Departures known: only ``nn.Linear`` weights are factorised
+(``keep_last_dense`` keeps the head dense, a project choice); the default is the full variance
+correction, the variant the paper's descent guarantee covers.
+
 Every factorised layer (the 2-D weights of the model's ``nn.Linear`` layers; all of them, or
 all but the classifier head with ``keep_last_dense``) is W = U S Vᵀ with a basis U (n×r),
 V (m×r) of orthonormal columns shared by all clients and a small coefficient matrix S (r×r).

@@ -1,5 +1,11 @@
 """Low-rank factorised layers: the math FeDLRT and FedLoRU share (a support module).
 
+Sources: the factorisations of the FeDLRT paper (U S Vᵀ, augmentation, truncation) and of
+FedLoRU's official ``lorumodel.py`` (W0 + s·up·down, convolutions as a k×k ``down`` and a 1×1
+``up``); the local optimizer options mirror ``torch.optim.SGD`` with ``clip_grad_norm_`` as
+FedLoRU's official client uses them. ``scaled_factor_grads`` is this project's (Zhang &
+Pilanci 2024's preconditioner), used only by FedLoRU's ``preconditioned`` option.
+
 Both methods keep the runtime's plain ``nn.Module`` as the architecture and parametrise the
 2-D weights of its ``nn.Linear`` layers in low-rank form. A forward pass composes the dense
 weights from the factors and calls ``torch.func.functional_call(model, params, x)``, so

@@ -1,5 +1,9 @@
 """Standard (uncompressed) distributed SGD: the baseline of the QRR and LQ-SGD papers.
 
+Source: the baselines as the QRR authors' ``sgd.py`` / ``sgd_client.py`` (Kritsos/QRR-code: one
+batch per client, the server steps on the clients' gradients) and the LAQ authors' GD (full
+local gradients); departure: ``lr`` steps on the mean, not the sum, of the gradients.
+
 Round k:
   1. server broadcasts the model w_k (32 bits per value);
   2. each client computes a minibatch gradient g_i at w_k and uploads it (32 bits per value);

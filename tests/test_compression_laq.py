@@ -118,3 +118,19 @@ def test_bits_out_of_range_is_a_config_error(bad):
 def test_unknown_key_is_a_config_error():
     with pytest.raises(ConfigError):
         get_algorithm("slaq").make_config({"rank": 3})
+
+
+def test_laq_scenario_counts_skipped_uploads_in_the_summary():
+    """The LAQ scenario (logistic regression; digits here, so no download is needed) through
+    the real runtime: the lazy rule skips, and summary.json counts it."""
+    from fedsim.runner import run
+    from fedsim.scenario import load_scenario
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "laq_logistic.toml"
+    scenario = load_scenario(str(path), ["data.dataset=digits", "run.rounds=12"])
+    summary = run(scenario).summary
+    counters = summary["counters"]
+    assert counters["skipped_uploads"] > 0
+    assert counters["skipped_uploads"] + counters["quantized_uploads"] == 10 * 12
