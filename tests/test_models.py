@@ -121,7 +121,7 @@ def test_models_are_plain_sequential_without_state():
         model = build_model(ModelConfig(kind=kind), DIGITS, 10, seed=0)
         assert isinstance(model, nn.Sequential) and not list(model.buffers())
         conv = [p for k, p in model.named_parameters() if p.dim() == 4]
-        assert bool(conv) == (kind == "cnn")
+        assert bool(conv) == (kind in ("cnn", "qrr_cnn"))
 
 
 def test_qrr_paper_cnn_layers():
