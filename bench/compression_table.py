@@ -214,11 +214,16 @@ def main(argv: list[str] | None = None) -> None:
             progress.update(task, description=f"{S.ROWS[row_key].title}: {run.label} ({rounds} rounds)")
             r = run_one(row_key, run, rounds)
             ordered.append(r)
+            if args.save:  # after every run: a long table interrupted keeps what it measured
+                save(args.save, ordered, " ".join([".venv/bin/python bench/compression_table.py",
+                                                     *map(shlex.quote, argv or sys.argv[1:])]),
+                     [row.key for row in rows], methods)
             if r.measured is None:
                 progress.console.print(f"{r.row:6} {r.label:14} not run: {r.error}")
             else:
-                progress.console.print(f"{r.row:6} {r.label:14} {r.rounds:4d} rounds  acc {r.accuracy:.4f}  "
-                                       f"up {r.uplink_bytes:>13,}  {r.measured.wall_s:6.1f} s")
+                progress.console.print(f"{r.row:6} {r.label:14} {r.rounds:4d} rounds  acc {r.accuracy:.4f} "
+                                       f"(final {r.measured.final_accuracy:.4f})  up {r.uplink_bytes:>13,}  "
+                                       f"[{r.measured.uplink_payload_bits:,} bits]  {r.measured.wall_s:6.1f} s")
             progress.advance(task)
     command = " ".join([".venv/bin/python bench/compression_table.py", *map(shlex.quote, argv or sys.argv[1:])])
     if args.save:
