@@ -1,9 +1,13 @@
 """Results table of the compression methods through the real runtime (fixed seeds, 10 clients).
 
-Rows (``--rows``): ``mlp`` (Fashion-MNIST, MLP 784-200-10: the QRR / LQ-SGD papers'
-setting), ``cnn`` (the small CNN, on digits: see bench/settings.py for why) and ``digits``
-(MLP 64-64-10). Methods: sgd, laq, slaq, qrr (p = 0.3, b = 8), powersgd (r = 4), lqsgd
-(r = 4, b = 8), fedavg, fedlrt and fedloru (their own defaults). Per run: test accuracy
+Rows (``--rows``, bench/settings.py): ``logistic`` (the LAQ paper's logistic regression on
+Fashion-MNIST), ``mlp`` (Fashion-MNIST, MLP 784-200-10: the QRR / LQ-SGD papers' setting),
+``qrr_mlp`` and ``qrr_cnn`` (the QRR authors' batch and step on the paper's MLP and CNN, p in
+{0.1, 0.2, 0.3}), ``cnn_local`` (FeDLRT / FedLoRU / FedAvg on the paper CNN), ``cnn`` (the
+small CNN, on digits), ``digits`` (MLP 64-64-10) and ``digits_wide``. Methods: sgd, laq, slaq,
+qrr (p = 0.3, b = 8), powersgd (r = 4), lqsgd (r = 4, b = 8), fedavg, fedlrt and fedloru
+(their own defaults), plus each row's labelled variants (``gd``, ``qrr p=0.1``,
+``fedloru~precond`` ...). Per run: test accuracy
 (mean over the last 10% of the rounds; the final evaluation beside it), uplink wire bytes,
 uplink per round relative to sgd (and, for FeDLRT and FedLoRU, total uplink relative to
 fedavg), and whether the paper's target holds:

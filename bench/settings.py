@@ -22,7 +22,14 @@ Choices, and why:
   epoch cost 10 s and FeDLRT's full-data basis gradients 40 s per round on one core
   (measured), which would not fit the table's ~15 minutes. FeDLRT and FedLoRU factorise
   ``nn.Linear`` layers only; with ``keep_last_dense`` the CNN has none left, and the table
-  says so instead of a number.
+  says so instead of a number (FedLoRU also wraps convolutions, but none of that CNN's is
+  large enough for a rank-16 module to pay).
+* The paper CNN rows (``qrr_cnn``, ``cnn_local``) are defined but were too slow to run on the
+  shared 2 cores on 2026-12-01: 6 rounds of FedAvg on ``cnn_local`` took 24 minutes (load ~9),
+  and a ``qrr_cnn`` round processes as many images (10 x 500). Run them where there is CPU.
+* The gradient methods' rows at the QRR authors' settings (``qrr_mlp``) step 0.01 on the
+  mean gradient with batches of 500: far slower learning than the ``mlp`` row's 0.5 on 32,
+  which is the point: both SGD and QRR are compared at the authors' step.
 """
 from __future__ import annotations
 
