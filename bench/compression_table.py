@@ -130,8 +130,9 @@ def settings_notes(rows: list[S.Row], methods: tuple[str, ...]) -> str:
              "- Paper targets (the last column: accuracy points of the method minus its reference's, its uplink "
              "bytes and [paper bits] as a share of the reference's): "
              + "; ".join(f"{t.method} {t.describe()} ({t.source})" for t in S.TARGETS.values())
-             + ". They are stated for the Fashion-MNIST MLP (QRR, LQ-SGD) and for the Fashion-MNIST and "
-             "digits MLPs (FeDLRT, FedLoRU); the CNN row shows them for information.",
+             + ". They are stated for the Fashion-MNIST MLP (QRR at p = 0.3, LQ-SGD) and for the Fashion-MNIST "
+             "and digits MLPs (FeDLRT, FedLoRU); other rows and variants (QRR at p = 0.1 and 0.2, "
+             "fedloru~precond) show them for information.",
              f"- {S.CLIENTS} clients, `{S.PARTITION}` partition, seed {S.SEED}, on the full test set. Uplink bytes "
              "are wire bytes (frames plus ZMTP framing); [paper bits] are each method's own count.",
              f"- Gradient methods: server step `lr = {S.GRADIENT_LR}`, one step per round, their default batch; "
