@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--local-rounds", type=int, default=None,
                     help="rounds of fedavg, fedlrt, fedloru (default: per row)")
     ap.add_argument("--write-readme", action="store_true", help=f"replace README.md between {START} and {END}")
+    ap.add_argument("--labels", default="", help="comma-separated run labels to keep (default: all runs of the rows)")
     ap.add_argument("--save", metavar="JSON", help="also write the results of these runs to JSON (for --combine)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="run nothing: build the table from results saved with --save (rows in the given order)")
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     jobs = []
     for row in rows:
         for run in S.plan(row, methods):
+            if args.labels and run.label not in args.labels.split(","):
+                continue
             rounds = S.rounds_of(row, run.method)
             if run.method in S.GRADIENT_METHODS and args.rounds:
                 rounds = args.rounds
