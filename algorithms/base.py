@@ -228,7 +228,9 @@ def state_digest(state: Mapping[str, Any]) -> bytes:
         if isinstance(value, torch.Tensor):
             t = value.detach().contiguous().cpu()
             h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            # flatten first: a "contiguous" tensor with a size-1 dim may keep a stride != 1
+            # there (a rank-1 QR factor), which view(uint8) refuses
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(value, Mapping):
             h.update(state_digest(value))
         else:

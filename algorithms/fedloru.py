@@ -1,45 +1,76 @@
-"""FedLoRU: federated low-rank updates (Park & Klabjan, 2024).
+"""FedLoRU: federated low-rank updates (Park & Klabjan, "Communication-efficient federated
+low-rank update algorithm and its connection to implicit regularization", 2024).
 
-Every factorised layer (the 2-D weights of the model's ``nn.Linear`` layers; all but the head
-with ``keep_last_dense``) is W = W0 + B A: a frozen base W0 (n×m) plus a low-rank module
-B (n×r), A (r×m). Clients train only the modules (and the dense parameters: biases, dense
-heads, which travel as FedAvg's deltas). Round t:
+Source followed: the authors' code haemPark/fedloru_official, files
+``src/algorithm/fedloru/lorumodel.py`` (the low-rank module, its init and
+``merge_and_reinit``), ``src/algorithm/fedloru/client.py`` (the local optimizer) and
+``main.py`` (defaults: r = α = 64, SGD momentum 0.9, weight decay 1e-4, clipping at norm 0.1,
+B = 32, E = 1), all read for this module.
+
+Every factorised layer is W = W0 + s·B A with s = α / r (``alpha``; 0 means α = r, the
+official default ratio): a frozen base W0 (n×m) plus a low-rank module B (n×r, the official
+``up``), A (r×m, ``down``). Factorised are the 2-D weights of ``nn.Linear`` layers (all but
+the head with ``keep_last_dense``) and the weights of ``nn.Conv2d`` layers where a rank-r
+module is smaller than the weight, r (n + m) < n m, with n = out channels and m = in·k·k: the
+official wrapping (``down`` a k×k conv in→r, ``up`` a 1×1 conv r→out) is exactly W0 + s·B A
+with A the down kernel flattened to r × (in·k·k) and B the up kernel as out × r. Clients
+train only the modules (and the dense parameters: biases, dense layers, which travel as
+FedAvg's deltas). Round t:
 
 1. ``train``: the server broadcasts the global modules A, B and the dense parameters (plus
    what a client needs to hold the current base, below). Each client takes ``local_steps``
-   steps of minibatch SGD on its modules and returns A_c, B_c and its dense deltas.
+   steps on its modules (``local_step``, below) and returns A_c, B_c and its dense deltas.
 2. the server averages the modules and deltas (sample-weighted, client-id order);
 3. every τ rounds (``merge_every``) it merges the modules' product into the base,
-   W0 ← W0 + B A, and restarts the modules: one factor a fresh random subspace (seeded:
-   ``init_seed`` and the merge count), the other 0 (:func:`init_modules`), so W is unchanged
-   by the restart. Repeated merges accumulate rank: the model is not confined to rank r
-   although each round only moves r-dimensional factors.
+   W0 ← W0 + s·B A, and restarts the modules (``init``). Repeated merges accumulate rank:
+   the model is not confined to rank r although each round only moves r-dimensional factors.
 
-Local steps on B and A are scaled by the other factor's Gram matrix
-(``lowrank.scaled_factor_grads``, ``damping``): plain SGD on a product moves W by a step that
-grows with the factors' size, which is what made FedLoRU diverge at client steps FedAvg takes.
+``init``:
 
-Settings: the ``Config`` defaults are those of Fashion-MNIST 784-200-10 (10 clients). For the
-digits MLP 64-512-512-10 (10 clients of ~144 samples) use ``local_steps = 24`` and keep the
-rest (30 rounds: 0.972 against FedAvg's 0.983 at the same lr and 24 steps, 9.5x fewer uplink
-bytes); a 64-64-10 MLP leaves too little to save for 4x at this accuracy.
+* ``official`` (default): as ``lorumodel.py`` when training from scratch
+  (``keep_original_weights = False``): the frozen base W0 and the bias of every factorised
+  layer start at 0, both factors Kaiming-uniform (a = √5, i.e. U(±1/√fan_in): fan_in = m for
+  A, r for B); at a merge A is redrawn Kaiming and B set to 0 (``merge_and_reinit``);
+* ``subspace`` (this project's): W0 = the model's dense random init; modules B A = 0 with
+  one factor an orthonormal random subspace on the smaller side (:func:`init_modules`).
+
+``local_step``:
+
+* ``official`` (default): the official client's ``torch.optim.SGD`` with ``momentum`` 0.9,
+  ``weight_decay`` 1e-4 on every trained tensor, the gradient of all of them clipped to
+  2-norm ``max_grad_norm`` 0.1 (``clip_grad_norm_``), a fresh optimizer (momentum 0) each
+  round, at ``lr`` (official CLI: 0.1);
+* ``preconditioned`` (this project's): plain steps on B and A scaled by the other factor's
+  Gram matrix (``lowrank.scaled_factor_grads``, ``damping``): plain SGD on a product moves W
+  by a step that grows with the factors' size. With ``init = "subspace"`` and lr 0.3 this is
+  the configuration the project tuned before (see bench/settings.py).
+
+Departures from the official code: it wraps only the Conv2d layers of its ResNets (no Linear),
+this module also wraps Linear layers (an MLP would otherwise train nothing low-rank); the
+official forward computes conv(x, W0) + s·up(down(x)), here the dense kernel W0 + s·B A is
+composed (the same function); no dropout inside the modules (official default 0.1: the
+project's models carry no dropout); a constant ``lr`` (the official server anneals it with
+cosine warm restarts over the rounds); a fixed merge period τ (the official code takes a list
+of merge rounds, default one merge at round 500); the official server sends the whole model,
+this one only what changed (protocol below).
 
 The base is shared state. The server tracks which base version (number of merges) it sent
 each client: a client one merge behind receives the merged factors (B, A) and applies
-W0 ← W0 + B A itself, bit-identically to the server; a client with no or an older base
+W0 ← W0 + s·B A itself, bit-identically to the server; a client with no or an older base
 receives W0 in full. A client whose base version is not the one the message names does not
 train: it drops its base, replies ``resync`` (no tensors) and the server resends the full base
 in the same round. A message older than one the client handled is ignored. The server's
 mirror moves when it builds a message. ``client_digest``/``server_digest`` hash
-(base version, W0). Invariant: the server's
-base equals the initial weights plus the sum of all merged products.
+(base version, W0). Invariant: the server's base equals the initial base plus the sum of all
+merged products.
 
 Personalised variant (``personal_rank`` > 0, pFedLoRU, the paper's answer to heterogeneous
-clients): each client also keeps personal modules B_p (n×r_p), A_p (r_p×m) that never leave
-it (``ctx.state["personal"]``): W_c = W0 + B A + B_p A_p. Per round the client first trains
-the global modules with its personal ones fixed, then its personal modules (``local_steps``
-steps each) with the global ones fixed. The global model (``model_params``) excludes personal
-modules; :meth:`FedLoRU.personal_params` gives a client's personalised model.
+clients; not checked against the official code): each client also keeps personal modules
+B_p (n×r_p), A_p (r_p×m) that never leave it (``ctx.state["personal"]``, ``subspace`` init,
+unscaled): W_c = W0 + s·B A + B_p A_p. Per round the client first trains the global modules
+with its personal ones fixed, then its personal modules (``local_steps`` steps each) with the
+global ones fixed. The global model (``model_params``) excludes personal modules;
+:meth:`FedLoRU.personal_params` gives a client's personalised model.
 
 Bits per client and round (float32: 32 bits per value). Sums run over factorised layers
 (n×m, module rank r); D is the number of dense (non-factorised) parameter values.
@@ -49,8 +80,9 @@ downlink ``train``:  32·[Σ r·(n + m) + D]
                      + 32·Σ n·m         when it holds no or an older base (full W0: round 0, resync)
 uplink:              32·[Σ r·(n + m) + D]   (A_c, B_c, dense deltas); a ``resync`` reply: 0.
 
-Scenario keys (``[algorithm]``): ``rank``, ``merge_every`` (τ, rounds), ``local_steps``,
-``lr``, ``batch_size`` (0: full local data), ``keep_last_dense``, ``loss``,
+Scenario keys (``[algorithm]``): ``rank``, ``alpha``, ``init``, ``local_step``, ``momentum``,
+``weight_decay``, ``max_grad_norm``, ``damping``, ``merge_every`` (τ, rounds),
+``local_steps``, ``lr``, ``batch_size`` (0: full local data), ``keep_last_dense``, ``loss``,
 ``personal_rank`` (0: off), ``init_seed``.
 """
 from __future__ import annotations
@@ -61,8 +93,11 @@ from typing import Any
 import torch
 
 from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
-from .lowrank import (LOSSES, check_rank_fits, expect_tensors, float_bits, linear_weights, local_steps,
-                      mean_by, positive_samples, scaled_factor_grads)
+from .lowrank import (LOSSES, check_rank_fits, conv_weights, expect_tensors, float_bits, linear_weights,
+                      local_steps, mean_by, positive_samples, scaled_factor_grads)
+
+INITS = ("official", "subspace")
+LOCAL_STEPS = ("official", "preconditioned")
 
 
 def init_modules(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator,
@@ -88,9 +123,27 @@ def init_modules(shapes: dict[str, tuple[int, int]], rank: int, generator: torch
     return A, B
 
 
-def merge(base: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """W0 + B A: the one expression both ends evaluate, so their bases stay bit-identical."""
-    return base + B @ A
+def kaiming_uniform(shape: tuple[int, int], fan_in: int, generator: torch.Generator) -> torch.Tensor:
+    """``nn.init.kaiming_uniform_(a=√5)`` from a seeded generator: U(−1/√fan_in, 1/√fan_in)."""
+    bound = 1.0 / fan_in ** 0.5
+    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+
+
+def official_modules(shapes: dict[str, tuple[int, int]], rank: int, generator: torch.Generator, *,
+                     restart: bool) -> tuple[Params, Params]:
+    """The official modules: A (``down``, r×m) Kaiming; B (``up``, n×r) Kaiming at the start,
+    0 at a restart (``merge_and_reinit``), so a restart leaves W unchanged."""
+    A, B = {}, {}
+    for k, (n, m) in shapes.items():
+        A[k] = kaiming_uniform((rank, m), m, generator)
+        B[k] = torch.zeros((n, rank)) if restart else kaiming_uniform((n, rank), rank, generator)
+    return A, B
+
+
+def merge(base: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """W0 + s·B A in W0's shape: the one expression both ends evaluate, so their bases stay
+    bit-identical."""
+    return base + (scale * (B @ A)).reshape(base.shape)
 
 
 @register
@@ -102,15 +155,30 @@ class FedLoRU(Algorithm):
 
     @dataclass
     class Config(Algorithm.Config):
-        """Defaults: the settings that meet the issue's target on Fashion-MNIST (784-200-10,
-        10 IID clients): 0.855 test accuracy after 20 rounds against FedAvg's 0.866, with 8.8x
-        fewer uplink bytes. A digits MLP (8x8 inputs, few samples per client) needs fewer
-        local steps (see the module docstring)."""
+        """Defaults: the official code's semantics (init, merge/re-init, local optimizer) at
+        this project's rank, period and local steps for Fashion-MNIST (784-200-10, 10 clients:
+        188 steps of 32 = the official E = 1, B = 32)."""
 
-        lr: float = 0.3
-        """Client step λ on the modules (and dense parameters)."""
+        lr: float = 0.2
+        """Client step λ on the modules (and dense parameters). The official CLI requires it
+        (its help's default: 0.1); 0.2 is FeDLRT's default here, so both compare against one
+        FedAvg run (bench/settings.py)."""
         rank: int = 16
         """r: rank of the global modules of every factorised layer (1 <= r <= min(n, m))."""
+        alpha: float = 0.0
+        """α: the modules' product is scaled by s = α / r; 0 means α = r (s = 1, the official
+        default r = α = 64)."""
+        init: str = "official"
+        """``official`` | ``subspace`` (module docstring)."""
+        local_step: str = "official"
+        """``official`` (SGD with momentum, weight decay, clipping) | ``preconditioned``."""
+        momentum: float = 0.9
+        """Heavy-ball momentum of the official local optimizer (reset each round)."""
+        weight_decay: float = 1e-4
+        """Weight decay of the official local optimizer, on every trained tensor."""
+        max_grad_norm: float = 0.1
+        """Official local optimizer: clip the gradient of all trained tensors to this 2-norm
+        (0: no clipping)."""
         merge_every: int = 5
         """τ (rounds): merge B A into the base and restart the modules every τ rounds."""
         local_steps: int = 188
@@ -128,8 +196,8 @@ class FedLoRU(Algorithm):
         init_seed: int = 0
         """Seed of the modules' (re)initialisation at start and after every merge."""
         damping: float = 0.1
-        """δ of the scaled local steps (``lowrank.scaled_factor_grads``); 0 takes plain SGD
-        steps on the factors (LoRA's), whose step in W grows with the factors' size: on
+        """δ of the ``preconditioned`` local steps (``lowrank.scaled_factor_grads``); 0 takes
+        plain SGD steps on the factors (LoRA's), whose step in W grows with the factors' size: on
         Fashion-MNIST (784-200-10, rank 16, 188 steps, τ = 5) plain steps diverged at lr 0.5
         (and at rank 32, τ = 1, lr 0.3), scaled ones reach 0.848 at lr 0.5 and 0.855 at lr 0.3
         after 20 rounds. δ = 0.1 keeps 1/1.1 of the step along the random factor's subspace."""
@@ -146,17 +214,42 @@ class FedLoRU(Algorithm):
             check(isinstance(self.personal_rank, int) and self.personal_rank >= 0, "personal_rank",
                   self.personal_rank, "must be an integer >= 0 (0: off)")
             check(self.damping >= 0, "damping", self.damping, "must be >= 0 (0: plain SGD on the factors)")
+            check(self.alpha >= 0, "alpha", self.alpha, "must be >= 0 (0: alpha = rank)")
+            check(self.init in INITS, "init", self.init, f"must be one of {', '.join(INITS)}")
+            check(self.local_step in LOCAL_STEPS, "local_step", self.local_step,
+                  f"must be one of {', '.join(LOCAL_STEPS)}")
+            check(0 <= self.momentum < 1, "momentum", self.momentum, "must be in [0, 1)")
+            check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+            check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0 (0: no clipping)")
 
     def __init__(self, config: "FedLoRU.Config", model: torch.nn.Module):
         super().__init__(config, model)
-        self.factorised = linear_weights(model, config.keep_last_dense)
-        check_rank_fits(self.factorised, self.params, config.rank)
+        linear = linear_weights(model, config.keep_last_dense)
+        if linear:
+            check_rank_fits(linear, self.params, config.rank)
+        convs = []
+        for k in conv_weights(model):
+            n, m = self.params[k].shape[0], self.params[k][0].numel()
+            if config.rank * (n + m) < n * m and (not config.personal_rank or config.personal_rank <= min(n, m)):
+                convs.append(k)
+        order = list(self.params)
+        self.factorised = sorted(linear + convs, key=order.index)
+        check_rank_fits(self.factorised, {k: self.params[k].reshape(self.params[k].shape[0], -1)
+                                          for k in self.factorised}, config.rank)
         if config.personal_rank:
-            check_rank_fits(self.factorised, self.params, config.personal_rank, "personal_rank")
-        self.shapes = {k: tuple(self.params[k].shape) for k in self.factorised}
+            check_rank_fits(self.factorised, {k: self.params[k].reshape(self.params[k].shape[0], -1)
+                                              for k in self.factorised}, config.personal_rank, "personal_rank")
+        self.scale = (config.alpha or config.rank) / config.rank
+        """s = α / r, the factor of every module's product."""
+        self.shapes = {k: (self.params[k].shape[0], self.params[k][0].numel()) for k in self.factorised}
+        """(n, m) of every factorised weight as a matrix (a conv: out × in·k·k)."""
         self.dense_names = [k for k in self.params if k not in self.factorised]
-        self.base: Params = {k: self.params[k].clone() for k in self.factorised}
-        self.dense: Params = {k: self.params[k].clone() for k in self.dense_names}
+        official = config.init == "official"
+        self.base: Params = {k: torch.zeros_like(self.params[k]) if official else self.params[k].clone()
+                             for k in self.factorised}
+        zeroed = {k.rsplit(".", 1)[0] + ".bias" for k in self.factorised} if official else set()
+        self.dense: Params = {k: torch.zeros_like(self.params[k]) if k in zeroed else self.params[k].clone()
+                              for k in self.dense_names}
         self.base_version = 0
         """Number of merges so far."""
         self.A, self.B = self._fresh_modules()
@@ -169,6 +262,8 @@ class FedLoRU(Algorithm):
 
     def _fresh_modules(self) -> tuple[Params, Params]:
         g = torch.Generator().manual_seed(self.config.init_seed * 1_000_003 + self.base_version)
+        if self.config.init == "official":
+            return official_modules(self.shapes, self.config.rank, g, restart=self.base_version > 0)
         return init_modules(self.shapes, self.config.rank, g)
 
     def _base_digest(self) -> bytes:
@@ -177,7 +272,8 @@ class FedLoRU(Algorithm):
     # ------------------------------------------------------------------ server
 
     def model_params(self) -> Params:
-        return {k: (merge(self.base[k], self.B[k], self.A[k]) if k in self.base else self.dense[k]) for k in self.params}
+        return {k: (merge(self.base[k], self.B[k], self.A[k], self.scale) if k in self.base else self.dense[k])
+                for k in self.params}
 
     def _payload_for(self, client: int) -> Payload:
         tensors: Params = {}
@@ -233,7 +329,7 @@ class FedLoRU(Algorithm):
 
     def _merge(self) -> None:
         self.last_merge = {k: (self.B[k], self.A[k]) for k in self.factorised}
-        self.base = {k: merge(self.base[k], self.B[k], self.A[k]) for k in self.factorised}
+        self.base = {k: merge(self.base[k], self.B[k], self.A[k], self.scale) for k in self.factorised}
         self.base_version += 1
         self.A, self.B = self._fresh_modules()
         self._base_digests[self.base_version] = self._base_digest()
@@ -282,7 +378,8 @@ class FedLoRU(Algorithm):
         if all(f"{k}.W0" in t for k in self.factorised):
             shared = {"base_version": version, **{f"{k}.W0": t[f"{k}.W0"] for k in self.factorised}}
         elif shared is not None and "merge_from" in payload.meta and shared["base_version"] == payload.meta["merge_from"]:
-            merged = {f"{k}.W0": merge(shared[f"{k}.W0"], t[f"{k}.mergeB"], t[f"{k}.mergeA"]) for k in self.factorised}
+            merged = {f"{k}.W0": merge(shared[f"{k}.W0"], t[f"{k}.mergeB"], t[f"{k}.mergeA"], self.scale)
+                      for k in self.factorised}
             shared = {"base_version": payload.meta["merge_from"] + 1, **merged}
         if shared is None or shared["base_version"] != version:
             return None
@@ -298,7 +395,7 @@ class FedLoRU(Algorithm):
         for k, (n, m) in self.shapes.items():
             expected[f"{k}.A"], expected[f"{k}.B"] = (cfg.rank, m), (n, cfg.rank)
             if f"{k}.W0" in payload.tensors:
-                expected[f"{k}.W0"] = (n, m)
+                expected[f"{k}.W0"] = tuple(self.params[k].shape)
             if f"{k}.mergeB" in payload.tensors:
                 expected[f"{k}.mergeB"], expected[f"{k}.mergeA"] = (n, cfg.rank), (cfg.rank, m)
         expected.update({k: tuple(self.params[k].shape) for k in self.dense_names})
@@ -320,13 +417,13 @@ class FedLoRU(Algorithm):
             return self._compose(base, leaves, personal)
         trained, seen = local_steps(ctx.model, build_global, start, ctx.x, ctx.y, loss=cfg.loss, lr=cfg.lr,
                                     steps=cfg.local_steps, batch_size=cfg.batch_size, generator=generator,
-                                    precondition=self._scaled("B", "A"))
+                                    **self._step_rule("B", "A"))
         if personal:
             def build_personal(leaves):  # global modules fixed at their trained values
                 return self._compose(base, trained, leaves)
             personal_trained, more = local_steps(ctx.model, build_personal, personal, ctx.x, ctx.y, loss=cfg.loss,
                                                  lr=cfg.lr, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                                                 generator=generator, precondition=self._scaled("Bp", "Ap"))
+                                                 generator=generator, **self._step_rule("Bp", "Ap"))
             ctx.state["personal"] = personal_trained
             seen += more
         ctx.charge(seen)
@@ -334,6 +431,13 @@ class FedLoRU(Algorithm):
         out.update({f"{k}.delta": trained[k] - start[k] for k in self.dense_names})
         return Payload(out, meta={"samples": len(ctx.x), "base_version": shared["base_version"]},
                        payload_bits=float_bits(out), version=payload.version)
+
+    def _step_rule(self, b: str, a: str) -> dict[str, Any]:
+        """Keyword arguments of ``local_steps`` for ``local_step``."""
+        cfg = self.config
+        if cfg.local_step == "official":
+            return {"momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm}
+        return {"precondition": self._scaled(b, a)}
 
     def _scaled(self, b: str, a: str):
         """The step map of ``local_steps``: scaled factor gradients (or None: plain SGD)."""
@@ -353,10 +457,10 @@ class FedLoRU(Algorithm):
         out = {}
         for k in self.params:
             if k in base:
-                w = base[k] + leaves[f"{k}.B"] @ leaves[f"{k}.A"]
+                prod = self.scale * (leaves[f"{k}.B"] @ leaves[f"{k}.A"])
                 if personal:
-                    w = w + personal[f"{k}.Bp"] @ personal[f"{k}.Ap"]
-                out[k] = w
+                    prod = prod + personal[f"{k}.Bp"] @ personal[f"{k}.Ap"]
+                out[k] = base[k] + prod.reshape(base[k].shape)
             else:
                 out[k] = leaves[k]
         return out
@@ -377,5 +481,5 @@ class FedLoRU(Algorithm):
         personal = state.get("personal")
         if personal:
             for k in self.factorised:
-                params[k] = params[k] + personal[f"{k}.Bp"] @ personal[f"{k}.Ap"]
+                params[k] = params[k] + (personal[f"{k}.Bp"] @ personal[f"{k}.Ap"]).reshape(params[k].shape)
         return params

@@ -1,30 +1,54 @@
-"""LAQ and SLAQ (Sun, Chen, Giannakis & Yang, NeurIPS 2019): lazily aggregated quantized gradients.
+"""LAQ and SLAQ (Sun, Chen, Giannakis & Yang, "Communication-efficient distributed learning
+via lazily aggregated quantized gradients", NeurIPS 2019): lazily aggregated quantized gradients.
+
+Source followed: the paper's Algorithm 1 (LAQ) and its stochastic version (SLAQ, Section 4), and
+the authors' code sunjunaimer/LAQ, files ``NeurIPS2019:LAQ/LAQ.py`` (read for this module) and
+``SLAQ.py`` (listed, not read line by line: SLAQ here is LAQ's rule on a minibatch gradient).
 
 Each client m and the server hold the same quantized accumulator Q_m^{k-1} (per parameter
 tensor). Round k:
 
-  1. the server broadcasts w_k (32 bits per value) and, per client, ``ack``: the tag of its
-     mirror of Q_m (see "State synchronisation" below);
-  2. client m computes a minibatch gradient g_m at w_k (``batch_size``; 0 = all local data),
-     quantizes the innovation g_m - Q_m^{k-1} at b bits (:func:`quantizers.laq_quantize`:
-     radius R = ||g_m - Q_m^{k-1}||_inf, codes on a 2^b-level grid, |g_m - Q_m^k| <= tau R)
-     and uploads R and the bit-packed codes;
-  3. the server rebuilds Q_m^k = Q_m^{k-1} + R * level(code) bit-identically and steps
+  1. the server broadcasts w_k (32 bits per value), the model term of the lazy rule
+     (``lazy_bound``, one float) and, per client, ``ack``: the tag of its mirror of Q_m (see
+     "State synchronisation" below);
+  2. client m computes its gradient g_m at w_k: ``laq`` on all its local data (the paper's
+     full local gradient; ``batch_size = 0``), ``slaq`` on a minibatch (``batch_size``), plus
+     ``l2`` * w_k (the gradient of (l2 / 2) ||w||^2, the authors' ``cl * tf.nn.l2_loss``);
+     it quantizes the innovation g_m - Q_m^{k-1} at b bits (:func:`quantizers.laq_quantize`:
+     radius R = ||g_m - Q_m^{k-1}||_inf, codes on a 2^b-level grid, |g_m - Q_m^k| <= tau R);
+  3. lazy rule (``lazy = true``, the default of both): the client skips the upload when
+
+        ||Q_m^k - Q_m^{k-1}||^2 < (1 / lr^2) * sum_{d=1..D} xi_d ||w_{k+1-d} - w_{k-d}||^2
+                                   + 3 (||e_m^k||^2 + ||e_m^{k-1}||^2)
+
+     (paper eq. 7 / the authors' test), e the quantization errors g - Q of this round and of
+     the client's last upload; it uploads anyway after ``max_skips`` (t-bar) consecutive
+     skips. D = ``lazy_window`` = 10, xi_d = ``lazy_xi`` / D with ``lazy_xi`` = 0.8, t-bar =
+     100 (the authors' ``D``, ``ck``, ``C``). The server computes the model term (it holds
+     the history) and sends it; a skip is a reply without tensors, counted
+     ``skipped_uploads`` at the server (uploads applied: ``quantized_uploads``);
+  4. the server rebuilds Q_m^k = Q_m^{k-1} + R * level(code) bit-identically and steps
      w_{k+1} = w_k - lr * mean_m Q_m over every client it holds a mirror of, in client-id
-     order. A client that did not upload this round (skipped, lost, not selected) counts
-     with its last Q_m: the "lazy aggregation" of the paper.
+     order. A client that did not upload (skipped, lost, not selected) counts with its last
+     Q_m: the "lazy aggregation" of the paper.
 
-SLAQ adds the paper's lazy rule (its eq. 7, stochastic version): client m skips the upload when
+``lazy = false`` turns the rule off: every client uploads its quantized innovation every round
+(the non-lazy differential quantizer, the paper's "QGD" baseline when ``batch_size = 0``).
 
-    ||Q_m^k - Q_m^{k-1}||^2 <= (1 / lr^2) * sum_{d=1..D} xi_d ||w_{k+1-d} - w_{k-d}||^2
-                               + 3 (||e_m^k||^2 + ||e_m^{k-1}||^2)
+Departures from the authors' code, each deliberate:
 
-with e the quantization errors g - Q of this round and of the client's last upload. Our
-simplifications, as constants: D = 10, xi_d = 0.8 / D; the 1/(alpha^2 M^2) of the paper
-becomes 1/lr^2 because our server averages (alpha = lr / M). The server computes the model
-term (it holds the history) and sends it as one float in the request (``lazy_bound``); a
-client uploads anyway after ``MAX_SKIPS`` = 10 consecutive skips (the paper's t-bar). Skips
-are counted (``skips``). LAQ here never skips (quantization alone).
+* step: the authors step alpha on the **sum** of the M clients' Q_m (alpha = 0.02, M = 10);
+  ``lr`` here steps on their **mean**, so lr = M alpha (0.2) is the same step, and the rule's
+  1 / (alpha^2 M^2) becomes 1 / lr^2;
+* radius: one radius per parameter tensor (the authors quantize the whole flattened gradient
+  with one radius): a bias is no longer quantized on the scale of the largest weight; it costs
+  32 bits per tensor instead of per vector;
+* xi in the first D rounds: the authors weight the k model differences available at round
+  k <= D by ck / k; so does this module (``lazy_xi`` times the mean of the available ones);
+* bits: the authors count b bits per value and no radius; ``payload_bits`` adds the 32-bit
+  radius of each tensor (what the wire carries);
+* state synchronisation and bad-input handling (below) are this project's: the authors'
+  simulation has no faults.
 
 payload_bits (uplink, per upload): sum over parameter tensors of 32 + b * numel (one float32
 radius per tensor, as :func:`quantizers.laq_bits`); a skip costs 0 bits. Downlink: 32 bits
@@ -36,7 +60,8 @@ innovation to the wrong base):
 
 * a tag is a hash of the accumulator's bytes (16 hex digits of sha256);
 * every upload carries ``base`` (the ack it answered: the tag of the server's mirror when the
-  request left), ``tag`` (the tag of the client's new Q_m^k) and ``reset``;
+  request left), ``tag`` (the tag of the client's new Q_m^k) and ``reset``; a skip carries
+  ``base`` (the mirror it relied on);
 * the server applies an upload only if ``base`` equals its mirror's current tag, and keeps
   the result only if the rebuilt Q hashes to ``tag``; otherwise it counts ``stale_rejected``
   (or ``integrity_rejected``) and changes nothing;
@@ -45,8 +70,11 @@ innovation to the wrong base):
   ``ack`` names that, and otherwise (crash: state emptied; a lost or stale exchange; a
   mirror the server forgot) drops both and sends a full, non-differential quantization
   against 0 flagged ``reset`` (still gated on ``base``, so a delayed reset is never applied).
+  A client never skips while it has no acknowledged Q (first round, after a reset): its skip
+  would leave the server without a mirror;
 * the server forgets a mirror not refreshed for ``FORGET_AFTER`` = 30 rounds (a client that
-  left stops steering the model); the client's next upload is then a reset.
+  left stops steering the model); a lazy skip against the current mirror refreshes it. The
+  client's next upload after a forget is a reset.
 
 Bad input: a client whose gradient holds NaN/Inf uploads nothing but a ``skip`` reply with
 reason ``nonfinite`` (counted ``client_nonfinite`` at the server; its state is untouched and
@@ -70,12 +98,6 @@ from .common import check_finite, check_like, dense_bits, loss_and_grad, params_
 
 FORGET_AFTER = 30
 """Rounds without an accepted upload after which the server drops a client's mirror."""
-LAZY_WINDOW = 10
-"""D: model differences remembered by SLAQ's rule."""
-LAZY_XI = 0.8
-"""sum_d xi_d: SLAQ weights xi_d = LAZY_XI / D."""
-MAX_SKIPS = 10
-"""t-bar: consecutive skips after which a SLAQ client uploads anyway."""
 
 _TAG = re.compile(r"^[0-9a-f]{16}$")
 RADII = "radii"
@@ -87,12 +109,18 @@ def accumulator_tag(q: dict[str, torch.Tensor]) -> str:
 
 
 def gradient(model, params: Params, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             generator: torch.Generator) -> tuple[float, Params, int]:
-    """Loss, gradient at ``params`` on a minibatch (``batch_size`` 0: all data), samples used."""
+             generator: torch.Generator, l2: float = 0.0) -> tuple[float, Params, int]:
+    """Loss, gradient at ``params`` on a minibatch (``batch_size`` 0: all data), samples used.
+
+    ``l2`` > 0 adds the gradient ``l2 * w`` of the penalty (l2 / 2) ||w||^2 (and the penalty
+    to the loss) on every parameter tensor, as the LAQ authors' ``cl * tf.nn.l2_loss``."""
     if batch_size and batch_size < len(x):
         idx = sample_batch(len(x), batch_size, generator)
         x, y = x[idx], y[idx]
     loss, grads = loss_and_grad(model, params, x, y)
+    if l2:
+        grads = {k: g.add(params[k], alpha=l2) for k, g in grads.items()}
+        loss += 0.5 * l2 * sum(float(p.pow(2).sum()) for p in params.values())
     return loss, grads, len(x)
 
 
@@ -102,7 +130,6 @@ class DifferentialQuantized(Algorithm):
     is rebuilt from them; the protocol, the lazy aggregation and the checks live here."""
 
     stateful = True
-    lazy = False
 
     @dataclass
     class Config(Algorithm.Config):
@@ -110,11 +137,26 @@ class DifferentialQuantized(Algorithm):
         """b: bits per quantized value, 1..16."""
         batch_size: int = 32
         """Minibatch size (samples) of each client's gradient; 0 = all local data."""
+        lazy: bool = False
+        """Apply the lazy skip rule (module docstring, step 3); false: upload every round."""
+        lazy_window: int = 10
+        """D (rounds): how many recent model differences the lazy rule weighs."""
+        lazy_xi: float = 0.8
+        """sum_d xi_d of the lazy rule (xi_d = lazy_xi / D; the authors' ``ck``)."""
+        max_skips: int = 100
+        """t-bar (rounds): consecutive skips after which a client uploads anyway."""
+        l2: float = 0.0
+        """L2 penalty coefficient: clients add ``l2 * w`` to their gradient (0: none)."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
             check_int("bits", self.bits, 1, bitpack.MAX_BITS)
             check_int("batch_size", self.batch_size, 0, note=" (0 = full local batch)")
+            check(isinstance(self.lazy, bool), "lazy", self.lazy, "must be true or false")
+            check_int("lazy_window", self.lazy_window, 1, note=" (rounds)")
+            check(self.lazy_xi >= 0, "lazy_xi", self.lazy_xi, "must be >= 0")
+            check_int("max_skips", self.max_skips, 0, note=" (rounds)")
+            check(self.l2 >= 0, "l2", self.l2, "must be >= 0")
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -124,7 +166,7 @@ class DifferentialQuantized(Algorithm):
         self.tags: dict[int, str] = {}
         self.estimate: dict[int, Params] = {}
         self.heard: dict[int, int] = {}
-        self.model_steps: collections.deque[float] = collections.deque(maxlen=LAZY_WINDOW)
+        self.model_steps: collections.deque[float] = collections.deque(maxlen=config.lazy_window)
 
     # ---- what a subclass defines ------------------------------------------------------------
 
@@ -152,11 +194,14 @@ class DifferentialQuantized(Algorithm):
     async def server_round(self, comm) -> None:
         r = comm.round
         self._forget(comm, r)
-        lazy_bound = (LAZY_XI / LAZY_WINDOW) * sum(self.model_steps) / self.config.lr ** 2
+        # The authors weigh the k <= D differences of the first rounds by ck / k each:
+        # lazy_xi times the mean of the differences available.
+        steps = self.model_steps
+        lazy_bound = self.config.lazy_xi * (sum(steps) / len(steps) if steps else 0.0) / self.config.lr ** 2
 
         def request(client: int) -> Payload:
             meta: dict[str, Any] = {"ack": self.tags.get(client)}
-            if self.lazy:
+            if self.config.lazy:
                 meta["lazy_bound"] = float(lazy_bound)
             return Payload(tensors=self.params, meta=meta, payload_bits=dense_bits(self.params))
 
@@ -188,7 +233,7 @@ class DifferentialQuantized(Algorithm):
         meta = payload.meta
         current = self.tags.get(client)
         if "skip" in meta:
-            comm.count("client_nonfinite" if meta["skip"] == "nonfinite" else "skips")
+            comm.count("client_nonfinite" if meta["skip"] == "nonfinite" else "skipped_uploads")
             if meta["skip"] == "lazy" and meta.get("base") == current and current is not None:
                 self.heard[client] = r
             return
@@ -217,6 +262,7 @@ class DifferentialQuantized(Algorithm):
         self.tags[client] = meta["tag"]
         self.estimate[client] = self.rebuild(new)
         self.heard[client] = r
+        comm.count("quantized_uploads")
         if reset:
             comm.count("resets")
 
@@ -267,7 +313,8 @@ class DifferentialQuantized(Algorithm):
                 return None  # a late duplicate of an old request: the server has moved on
             state["newest"] = payload.version
         _synchronise(state, ack)
-        _, grads, seen = gradient(ctx.model, payload.tensors, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
+        _, grads, seen = gradient(ctx.model, payload.tensors, ctx.x, ctx.y, self.config.batch_size, ctx.generator,
+                                  self.config.l2)
         ctx.charge(seen)
         if not params_finite(grads):
             # Never quantize (or mirror) a poisoned gradient: the server keeps our last Q.
@@ -279,10 +326,10 @@ class DifferentialQuantized(Algorithm):
         quantized = {name: qz.laq_quantize(targets[name], base[name], self.config.bits) for name in self.layout}
         new = {name: q.value for name, q in quantized.items()}
         err2 = sum(float((targets[n] - new[n]).pow(2).sum()) for n in self.layout)
-        if self.lazy and not reset and state.get("skips", 0) < MAX_SKIPS:
+        if self.config.lazy and not reset and state.get("skips", 0) < self.config.max_skips:
             innovation = sum(float((new[n] - base[n]).pow(2).sum()) for n in self.layout)
             bound = float(payload.meta.get("lazy_bound", 0.0)) + 3.0 * (err2 + state.get("err2", 0.0))
-            if innovation <= bound:
+            if innovation < bound:  # the authors upload when innovation >= bound
                 state["skips"] = state.get("skips", 0) + 1
                 return Payload(meta={"skip": "lazy", "base": ack})
         tag = accumulator_tag(new)
@@ -327,11 +374,26 @@ def _numel(shape) -> int:
 
 @register
 class LAQ(DifferentialQuantized):
+    """LAQ as published: the full local gradient, the lazy rule on (``lazy = false``: the
+    non-lazy differential quantizer)."""
+
     name = "laq"
-    lazy = False
+
+    @dataclass
+    class Config(DifferentialQuantized.Config):
+        batch_size: int = 0
+        """Samples of each client's gradient; 0 (default, the paper's LAQ) = all local data."""
+        lazy: bool = True
+        """The paper's lazy skip rule (module docstring, step 3); false: upload every round."""
 
 
 @register
 class SLAQ(DifferentialQuantized):
+    """SLAQ: LAQ's rule on a minibatch gradient (t-bar = 100 as the authors' ``C``)."""
+
     name = "slaq"
-    lazy = True
+
+    @dataclass
+    class Config(DifferentialQuantized.Config):
+        lazy: bool = True
+        """The paper's lazy skip rule (module docstring, step 3); false: upload every round."""

@@ -1,5 +1,11 @@
 """Low-rank factorised layers: the math FeDLRT and FedLoRU share (a support module).
 
+Sources: the factorisations of the FeDLRT paper (U S Vᵀ, augmentation, truncation) and of
+FedLoRU's official ``lorumodel.py`` (W0 + s·up·down, convolutions as a k×k ``down`` and a 1×1
+``up``); the local optimizer options mirror ``torch.optim.SGD`` with ``clip_grad_norm_`` as
+FedLoRU's official client uses them. ``scaled_factor_grads`` is this project's (Zhang &
+Pilanci 2024's preconditioner), used only by FedLoRU's ``preconditioned`` option.
+
 Both methods keep the runtime's plain ``nn.Module`` as the architecture and parametrise the
 2-D weights of its ``nn.Linear`` layers in low-rank form. A forward pass composes the dense
 weights from the factors and calls ``torch.func.functional_call(model, params, x)``, so
@@ -56,6 +62,17 @@ def linear_weights(model: nn.Module, keep_last_dense: bool = False) -> list[str]
     order = [name for name, _ in model.named_parameters()]
     names.sort(key=order.index)
     return names[:-1] if keep_last_dense else names
+
+
+def conv_weights(model: nn.Module) -> list[str]:
+    """Names of the (ungrouped) ``nn.Conv2d`` weights, in ``named_parameters`` order. A conv
+    weight (out, in, k, k) is factorised as the matrix out × (in·k·k): FedLoRU's ``down``
+    (a k×k conv in→r) and ``up`` (a 1×1 conv r→out)."""
+    names = [f"{prefix}.weight" if prefix else "weight"
+             for prefix, module in model.named_modules() if isinstance(module, nn.Conv2d) and module.groups == 1]
+    order = [name for name, _ in model.named_parameters()]
+    names.sort(key=order.index)
+    return names
 
 
 def check_rank_fits(names: list[str], params: Params, rank: int, key: str = "rank") -> None:
@@ -170,15 +187,21 @@ def local_steps(model: nn.Module, build: Builder, leaves: dict[str, torch.Tensor
                 y: torch.Tensor, *, loss: str, lr: float, steps: int, batch_size: int,
                 generator: torch.Generator, correction: Mapping[str, torch.Tensor] | None = None,
                 precondition: Callable[[dict[str, torch.Tensor], dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-                | None = None) -> tuple[dict[str, torch.Tensor], int]:
+                | None = None, momentum: float = 0.0, weight_decay: float = 0.0,
+                max_grad_norm: float = 0.0) -> tuple[dict[str, torch.Tensor], int]:
     """``steps`` of (minibatch) gradient descent on the leaves; returns them and samples used.
 
     ``correction`` (FeDLRT's variance correction, global minus local gradient at the start
     point) is added to every step's gradient of the leaves it names. ``precondition(grads,
     leaves)`` maps each step's gradients to the directions actually taken (FedLoRU's scaled
-    steps on B A).
+    steps on B A). ``max_grad_norm`` > 0 clips the gradient of all leaves together to that
+    2-norm, then ``weight_decay`` adds wd·p and ``momentum`` keeps a heavy-ball buffer
+    (b ← μ b + g, p ← p − λ b; b starts at the first g), in the order of
+    ``torch.nn.utils.clip_grad_norm_`` followed by ``torch.optim.SGD.step``; the buffer lives
+    for this call only (a fresh optimizer per round, as FedLoRU's official client).
     """
     current = {k: v.detach().clone() for k, v in leaves.items()}
+    buffers: dict[str, torch.Tensor] = {}
     seen = 0
     for _ in range(steps):
         idx = batch_indices(len(x), batch_size, generator)
@@ -186,9 +209,18 @@ def local_steps(model: nn.Module, build: Builder, leaves: dict[str, torch.Tensor
         _, grads = loss_and_grads(model, build, current, xb, yb, loss)
         if precondition is not None:
             grads = precondition(grads, current)
+        if max_grad_norm > 0:
+            total = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
+            if total > max_grad_norm:
+                grads = {k: g * (max_grad_norm / (total + 1e-6)) for k, g in grads.items()}
         for k, g in grads.items():
             if correction is not None and k in correction:
                 g = g + correction[k]
+            if weight_decay:
+                g = g + weight_decay * current[k]
+            if momentum:
+                buf = buffers.get(k)
+                g = buffers[k] = g.clone() if buf is None else buf.mul_(momentum).add_(g)
             current[k].sub_(g, alpha=lr)
         seen += len(xb)
     return current, seen

@@ -1,5 +1,11 @@
 """LQ-SGD (2025): PowerSGD whose factors travel log-quantized, with error feedback end to end.
 
+Source: the LQ-SGD paper's description (a log quantizer on PowerSGD's factors); no authors'
+code was available to read, and the paper was not re-read for this revision. Everything not
+about the quantizer follows :mod:`algorithms.powersgd` (its sources and departures apply),
+including ``error_feedback``: with ``aggregated`` (default) the residual is M_i − P_hat Q^T
+with Q the mean of the decoded Q_hat_i.
+
 Everything is PowerSGD's (see :mod:`algorithms.powersgd`: rank r clamped per layer,
 warm-started shared Q, two round trips through the server, per-client error feedback),
 except that every uploaded tensor — P_i in phase 1, Q_i in phase 2, and the gradients of the
@@ -7,8 +13,9 @@ layers sent uncompressed — is log-quantized at b = ``bits`` bits (default 8) w
 parameter alpha = ``log_alpha`` (:func:`quantizers.log_quantize`: normalise by the tensor's
 max |x|, q(u) = sign(u) log(1 + alpha|u|) / log(1 + alpha), 2^b-level grid). The error the
 client remembers is taken over the whole pipeline, quantization included:
-e_i = M_i - P_hat Q_hat_i^T for compressed layers (Q_hat_i: what the server decodes) and
-e_i = M_i - dequant(quant(M_i)) for the others.
+e_i = M_i - P_hat Q^T (``aggregated``) or M_i - P_hat Q_hat_i^T (``own``) for compressed
+layers (Q_hat_i: what the server decodes, Q their mean) and e_i = M_i - dequant(quant(M_i))
+for the others.
 
 payload_bits (uplink, per client per round): for every uploaded tensor 32 (its scale) +
 b * numel, i.e. sum over compressed layers of 64 + b (n r + m r), plus 32 + b * numel per

@@ -1,9 +1,19 @@
 """PowerSGD (Vogels, Karimireddy & Jaggi, NeurIPS 2019), aggregated through a server.
 
+Sources followed: the paper's Algorithm 1 (rank-r power iteration with a warm-started Q and
+error feedback), PyTorch's DDP communication hook
+(``torch/distributed/algorithms/ddp_comm_hooks/powerSGD_hook.py``: ``min_compression_rate``,
+``start_powerSGD_iter``, which layers compress) and the authors' reducer (epfml/powersgd,
+``RankKReducer``: memory = gradient + memory - the decompressed **aggregate**). Both were read
+from memory of their public source, not re-read line by line for this module.
+
 Each weight with more than one dimension is viewed as a matrix M (shape[0] x rest) and
-compressed at rank r = min(``rank``, n, m) when that pays, i.e. (n + m) r < n m (as PyTorch
-DDP's PowerSGD hook decides); vectors and layers where it does not pay travel uncompressed.
-A rank larger than a matrix is therefore clamped per layer, never an error.
+compressed at rank r = min(``rank``, n, m) when that pays by ``min_compression_rate``, i.e.
+(n + m) r * min_compression_rate < n m (PyTorch's test, default 2); vectors and layers where it
+does not pay travel uncompressed. A rank larger than a matrix is therefore clamped per layer,
+never an error. The first ``start_round`` rounds are an uncompressed warm-up (PyTorch's
+``start_powerSGD_iter``): clients upload their raw gradients (message ``warmup``), the server
+steps on their mean, and no error is accumulated.
 
 Round k (two round trips, as the paper's all-reduces become gathers at the server):
 
@@ -12,24 +22,36 @@ Round k (two round trips, as the paper's all-reduces become gathers at the serve
      uploads P_i and the uncompressed layers' gradients;
   3. server: P = mean_i P_i, P_hat = orthonormalise(P) (reduced QR); broadcasts P_hat to the
      clients it heard from;
-  4. client i: Q_i = M_i^T P_hat, uploads Q_i; its new error is e_i = M_i - P_hat Q_i^T
-     (its own contribution), committed only once the server confirms it used Q_i;
+  4. client i: Q_i = M_i^T P_hat, uploads Q_i; its new error (committed only once the server
+     confirms it used Q_i) is, by ``error_feedback``:
+     * ``aggregated`` (default, as the authors' reducer and PyTorch's hook): e_i = M_i - P_hat Q^T
+       with Q the server's aggregate (the client learns it as the next round's warm start);
+     * ``own``: e_i = M_i - P_hat Q_i^T, its own contribution. The two are equal only under
+       full participation with identical M_i; ``own`` needs no aggregate to be known;
   5. server: Q = mean_i Q_i over the clients of step 4; w_{k+1} = w_k - lr (P_hat Q^T, and
      the mean of the uncompressed gradients of the same clients); Q becomes the next warm start.
 
 State: every party holds the same Q (the server sends it each round; ``client_digest`` /
 ``server_digest`` digest it). Error feedback is local; a client learns whether its round
 counted from ``included`` (the last round whose aggregate used its Q_i) in the next request,
-and keeps e = M_i - P_hat Q_i^T if so, e = M_i (nothing got through) otherwise. A crash
+and keeps its residual if so, e = M_i (nothing got through) otherwise. With ``aggregated`` the
+aggregate Q is the warm start of the next request; a client that sat out a round in between
+cannot tell it from a later aggregate and falls back to its own Q_i for that residual, and a
+column of Q the server redrew (below) counts as the zero column it was (``revived`` in meta). A crash
 empties e (it restarts from 0). Each reply names what it was computed against by content
 (``tag``: hash of the model and Q it received; ``p_tag``: hash of P_hat), so a stale reply is
 rejected (``stale_rejected``) even if its version were wrong. A client with a NaN/Inf
 gradient answers ``abstain`` (counted ``client_nonfinite``) and keeps its error memory. A
 column of Q that collapses to zero is redrawn (seeded) so the warm start never dies.
 
+Departures from the sources: a server gathers and averages where the paper all-reduces
+(same arithmetic); PyTorch's warm-up default is 1000 iterations, ``start_round`` here defaults
+to 0 (no warm-up); PyTorch batches layers into buckets, here every layer is its own.
+
 payload_bits (uplink, per client per round): 32 (n r + m r) per compressed layer plus 32 per
-uncompressed value (phase 1 carries the n r and the uncompressed values, phase 2 the m r).
-Downlink: 32 bits per model value and per Q value (phase 1), per P_hat value (phase 2).
+uncompressed value (phase 1 carries the n r and the uncompressed values, phase 2 the m r);
+a warm-up round: 32 per parameter. Downlink: 32 bits per model value and per Q value
+(phase 1), per P_hat value (phase 2); a warm-up round: 32 per parameter.
 """
 from __future__ import annotations
 
@@ -82,11 +104,24 @@ class PowerSGD(Algorithm):
         """r: rank of each compressed matrix (clamped to min(n, m) per layer)."""
         batch_size: int = 32
         """Minibatch size (samples) of each client's gradient; 0 = all local data."""
+        min_compression_rate: float = 2.0
+        """Compress a layer only if (n + m) r * this < n m (PyTorch's default 2)."""
+        start_round: int = 0
+        """Rounds of uncompressed warm-up before compression starts (PyTorch's
+        ``start_powerSGD_iter``, counted in rounds); 0: compress from the first round."""
+        error_feedback: str = "aggregated"
+        """Residual a client keeps: ``aggregated`` (M_i - P_hat Q^T, the authors' and PyTorch's)
+        or ``own`` (M_i - P_hat Q_i^T)."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
             check_int("rank", self.rank, 1)
             check_int("batch_size", self.batch_size, 0, note=" (0 = full local batch)")
+            check(isinstance(self.min_compression_rate, (int, float)) and self.min_compression_rate >= 1,
+                  "min_compression_rate", self.min_compression_rate, "must be a number >= 1")
+            check_int("start_round", self.start_round, 0, note=" (rounds)")
+            check(self.error_feedback in ("aggregated", "own"), "error_feedback", self.error_feedback,
+                  'must be "aggregated" or "own"')
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -96,7 +131,7 @@ class PowerSGD(Algorithm):
             if len(shape) >= 2:
                 n, m = shape[0], math.prod(shape[1:])
                 r = min(config.rank, n, m)
-                if (n + m) * r < n * m:
+                if (n + m) * r * config.min_compression_rate < n * m:
                     self.plans[name] = Plan(shape, n, m, r)
                     continue
             self.plans[name] = Plan(shape, 0, 0, 0)
@@ -104,6 +139,8 @@ class PowerSGD(Algorithm):
         self.raw = [k for k, p in self.plans.items() if not p.compressed]
         self.Q: dict[str, torch.Tensor] = {k: self._fresh_q(k, 0) for k in self.compressed}
         self.included: dict[int, int] = {}
+        self.revived: dict[str, list[int]] = {}
+        """Columns of Q redrawn after the last aggregation (zero columns of the aggregate)."""
 
     def _fresh_q(self, name: str, salt: int) -> torch.Tensor:
         plan = self.plans[name]
@@ -155,13 +192,19 @@ class PowerSGD(Algorithm):
 
     async def server_round(self, comm) -> None:
         r = comm.round
+        if r < self.config.start_round:
+            await self._warmup_round(comm, r)
+            return
         tag = self._round_tag()
         q_bits = 32 * sum(q.numel() for q in self.Q.values())
         tensors = {**self.params, **{f"Q:{k}": v for k, v in self.Q.items()}}
+        revived = {k: cols for k, cols in self.revived.items() if cols}
 
         def request(client: int) -> Payload:
-            return Payload(tensors=tensors, meta={"included": self.included.get(client, -1)},
-                           payload_bits=dense_bits(self.params) + q_bits)
+            meta: dict[str, Any] = {"included": self.included.get(client, -1)}
+            if revived:
+                meta["revived"] = revived
+            return Payload(tensors=tensors, meta=meta, payload_bits=dense_bits(self.params) + q_bits)
 
         await comm.broadcast("p", request, version=r)
         first = await comm.gather("p", version=r)
@@ -181,6 +224,7 @@ class PowerSGD(Algorithm):
         if not done:
             return
         clients = sorted(done)
+        self.revived = {}
         for k in self.compressed:
             q_mean = _mean([done[c][f"Q:{k}"] for c in clients])
             update = (p_hat[k] @ q_mean.T).reshape(self.plans[k].shape)
@@ -195,16 +239,34 @@ class PowerSGD(Algorithm):
         dead = q.norm(dim=0) <= 1e-12
         if bool(dead.any()):
             q = torch.where(dead[None, :], self._fresh_q(name, r + 1), q)
+            self.revived[name] = [int(i) for i in torch.nonzero(dead).flatten()]
         return q.contiguous()
+
+    async def _warmup_round(self, comm, r: int) -> None:
+        """An uncompressed round: raw gradients up, their mean applied (no error feedback)."""
+        await comm.broadcast("warmup", Payload(tensors=self.params, payload_bits=dense_bits(self.params)), version=r)
+        replies = await comm.gather("warmup", version=r)
+        grads = {c: reply.payload.tensors for c, reply in replies.items() if "abstain" not in reply.payload.meta}
+        if len(grads) < len(replies):
+            comm.count("client_nonfinite", len(replies) - len(grads))
+        if not grads:
+            return
+        for k in self.params:
+            self.params[k] = self.params[k] - self.config.lr * _mean([grads[c][k] for c in sorted(grads)])
 
     def check_reply(self, kind: str, payload: Payload) -> None:
         who = f"{self.name} {kind}"
-        if kind not in ("p", "q"):
+        if kind not in ("p", "q", "warmup"):
             raise ProtocolError(f"{who}: unexpected message kind")
         meta = payload.meta
         if "abstain" in meta:
             if set(meta) != {"abstain"} or not isinstance(meta["abstain"], str) or payload.tensors:
                 raise ProtocolError(f"{who}: malformed abstain")
+            return
+        if kind == "warmup":
+            if meta:
+                raise ProtocolError(f"{who}: unexpected fields {sorted(meta)}")
+            check_like(payload, self.params, who)
             return
         key = "tag" if kind == "p" else "p_tag"
         if set(meta) != {key} or not isinstance(meta[key], str):
@@ -224,7 +286,17 @@ class PowerSGD(Algorithm):
     # ---- client ----------------------------------------------------------------------------
 
     def client_handlers(self):
-        return {"p": self.on_p, "q": self.on_q}
+        return {"p": self.on_p, "q": self.on_q, "warmup": self.on_warmup}
+
+    def on_warmup(self, ctx, payload: Payload) -> Payload | None:
+        if not _fresh(ctx.state, payload.version):
+            return None
+        check_like(payload, self.params, f"{self.name} model", finite=False)
+        _, grads, seen = gradient(ctx.model, payload.tensors, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
+        ctx.charge(seen)
+        if not params_finite(grads):
+            return Payload(meta={"abstain": "nonfinite"})
+        return Payload(tensors=grads, payload_bits=dense_bits(grads))
 
     def on_p(self, ctx, payload: Payload) -> Payload | None:
         if not _fresh(ctx.state, payload.version):
@@ -237,7 +309,7 @@ class PowerSGD(Algorithm):
             if t is None or tuple(t.shape) != (plan.m, plan.rank) or not all_finite(t):
                 raise ProtocolError(f"{self.name} request: bad warm start for {k!r}")
         state = ctx.state
-        self._settle_error(state, payload.meta.get("included"))
+        self._settle_error(state, payload.meta.get("included"), payload.version, q, payload.meta.get("revived"))
         state["Q"] = q
         _, grads, seen = gradient(ctx.model, model, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
         ctx.charge(seen)
@@ -275,17 +347,40 @@ class PowerSGD(Algorithm):
         for k in self.compressed:
             approx = p_hat[k] @ seen_by_server[f"Q:{k}"].T
             after[k] = mats[k] - approx.reshape(self.plans[k].shape)
-        state["e_pending"] = {"version": payload.version, "after": after, "before": mats}
+        state["e_pending"] = {"version": payload.version, "after": after, "before": mats, "p_hat": p_hat,
+                              "raw_error": pending["raw_error"]}
         return Payload(tensors=wire, meta={"p_tag": payload.meta.get("p_tag")}, payload_bits=bits)
 
-    def _settle_error(self, state: dict[str, Any], included) -> None:
-        """Error feedback: keep the residual of a round the server used, else all of M."""
+    def _settle_error(self, state: dict[str, Any], included, version, q_agg: dict[str, torch.Tensor],
+                      revived) -> None:
+        """Error feedback: keep the residual of a round the server used, else all of M.
+
+        With ``aggregated`` the residual is taken against the aggregate Q, which this request
+        carries as its warm start when it directly follows the client's round."""
         pending = state.pop("e_pending", None)
         state.pop("M", None)
         if pending is None:
             return
         used = isinstance(included, int) and included == pending["version"]
-        state["e"] = pending["after"] if used else pending["before"]
+        if not used:
+            state["e"] = pending["before"]
+            return
+        follows = isinstance(version, int) and version == pending["version"] + 1
+        if self.config.error_feedback == "own" or not follows:
+            state["e"] = pending["after"]
+            return
+        after = dict(pending["raw_error"])
+        mats = pending["before"]
+        for k in self.compressed:
+            q = q_agg[k]
+            cols = (revived or {}).get(k) if isinstance(revived, dict) else None
+            if cols:
+                # the server redrew these columns of a (numerically) zero aggregate
+                q = q.clone()
+                q[:, [c for c in cols if isinstance(c, int) and 0 <= c < q.shape[1]]] = 0.0
+            approx = pending["p_hat"][k] @ q.T
+            after[k] = mats[k] - approx.reshape(self.plans[k].shape)
+        state["e"] = after
 
     def client_digest(self, state: dict[str, Any]) -> bytes:
         return state_digest({"Q": state["Q"]}) if "Q" in state else state_digest({})

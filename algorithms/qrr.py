@@ -1,5 +1,25 @@
 """QRR (Kritsiolis & Kotropoulos, 2025): reduced-rank gradients, then LAQ on the factors.
 
+Source followed: the authors' code Kritsos/QRR-code, read for this module: ``utils.py``
+(``svd_decomp``, ``tucker_decomp``, ``quantize_to_int``: eq. 5-7), ``quantized_rank_red_client.py``
+(client), ``quantized_rank_red.py`` (server: bits, aggregation) and ``sim_config.py`` (10 clients,
+b = 8, one batch of 500 per round, SGD lr 0.001 on the **sum** of the clients' gradients,
+p in {0.1, 0.2, 0.3}). Departures, each deliberate:
+
+* ``lr`` steps on the **mean** of the clients' gradients: the authors' lr on the sum is
+  lr / M here (0.001 on the sum of 10 = 0.01 on the mean, bench/settings.py ``QRR_LR``);
+* ``align_signs`` (default on) is this project's: the authors quantize the factors as the SVD
+  returns them;
+* ``svd = "randomized"`` is this project's option; Tucker runs 5 HOOI iterations here, the
+  authors call tensorly's ``tucker`` with its defaults (up to 100);
+* a tensor whose factors would not be smaller than itself is quantized directly (the authors
+  always decompose 2-D and 4-D gradients);
+* the authors' QRR client never skips an upload (``should_skip_upload`` exists in their
+  ``utils.py`` but their QRR client does not call it): ``lazy`` is false here by default too;
+* ``batch_size`` defaults to 32 (the table's QRR rows set the authors' 500);
+* state synchronisation and bad-input handling are LAQ's (:mod:`algorithms.laq`), the
+  authors' simulation has no faults.
+
 Per parameter tensor of client m's minibatch gradient, with p = ``rank_fraction``:
 
 * 2-D (m x n): truncated SVD keeping k = ceil(p min(m, n)) singular triplets, U (m x k),

@@ -1,9 +1,16 @@
 """Standard (uncompressed) distributed SGD: the baseline of the QRR and LQ-SGD papers.
 
+Source: the baselines as the QRR authors' ``sgd.py`` / ``sgd_client.py`` (Kritsos/QRR-code: one
+batch per client, the server steps on the clients' gradients) and the LAQ authors' GD (full
+local gradients); departure: ``lr`` steps on the mean, not the sum, of the gradients.
+
 Round k:
   1. server broadcasts the model w_k (32 bits per value);
   2. each client computes a minibatch gradient g_i at w_k and uploads it (32 bits per value);
   3. server steps w_{k+1} = w_k - lr * mean_i g_i, summing in client-id order.
+
+With ``batch_size = 0`` every client uses all its data: distributed gradient descent (GD,
+the baseline of the LAQ paper); ``l2`` adds the gradient ``l2 * w`` of (l2 / 2) ||w||^2.
 
 payload_bits: 32 * (number of parameters), each direction.
 """
@@ -22,11 +29,14 @@ class SGD(Algorithm):
     @dataclass
     class Config(Algorithm.Config):
         batch_size: int = 32
-        """Minibatch size (samples) of each client's gradient."""
+        """Minibatch size (samples) of each client's gradient; 0 = all local data (GD)."""
+        l2: float = 0.0
+        """L2 penalty coefficient: clients add ``l2 * w`` to their gradient (0: none)."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            check_int("batch_size", self.batch_size, 1)
+            check_int("batch_size", self.batch_size, 0, note=" (0 = full local batch)")
+            check(self.l2 >= 0, "l2", self.l2, "must be >= 0")
 
     async def server_round(self, comm) -> None:
         version = comm.round
@@ -43,9 +53,15 @@ class SGD(Algorithm):
 
     def on_model(self, ctx, payload: Payload) -> Payload:
         check_like(payload, self.params, "sgd model", finite=False)
-        idx = sample_batch(len(ctx.x), self.config.batch_size, ctx.generator)
-        _, grads = loss_and_grad(ctx.model, payload.tensors, ctx.x[idx], ctx.y[idx])
-        ctx.charge(len(idx))
+        if self.config.batch_size:
+            idx = sample_batch(len(ctx.x), self.config.batch_size, ctx.generator)
+            x, y = ctx.x[idx], ctx.y[idx]
+        else:
+            x, y = ctx.x, ctx.y
+        _, grads = loss_and_grad(ctx.model, payload.tensors, x, y)
+        if self.config.l2:
+            grads = {k: g.add(payload.tensors[k], alpha=self.config.l2) for k, g in grads.items()}
+        ctx.charge(len(x))
         return Payload(tensors=grads, payload_bits=dense_bits(grads))
 
     def check_reply(self, kind: str, payload: Payload) -> None:

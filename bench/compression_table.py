@@ -1,9 +1,13 @@
 """Results table of the compression methods through the real runtime (fixed seeds, 10 clients).
 
-Rows (``--rows``): ``mlp`` (Fashion-MNIST, MLP 784-200-10: the QRR / LQ-SGD papers'
-setting), ``cnn`` (the small CNN, on digits: see bench/settings.py for why) and ``digits``
-(MLP 64-64-10). Methods: sgd, laq, slaq, qrr (p = 0.3, b = 8), powersgd (r = 4), lqsgd
-(r = 4, b = 8), fedavg, fedlrt and fedloru (their own defaults). Per run: test accuracy
+Rows (``--rows``, bench/settings.py): ``logistic`` (the LAQ paper's logistic regression on
+Fashion-MNIST), ``mlp`` (Fashion-MNIST, MLP 784-200-10: the QRR / LQ-SGD papers' setting),
+``qrr_mlp`` and ``qrr_cnn`` (the QRR authors' batch and step on the paper's MLP and CNN, p in
+{0.1, 0.2, 0.3}), ``cnn_local`` (FeDLRT / FedLoRU / FedAvg on the paper CNN), ``cnn`` (the
+small CNN, on digits), ``digits`` (MLP 64-64-10) and ``digits_wide``. Methods: sgd, laq, slaq,
+qrr (p = 0.3, b = 8), powersgd (r = 4), lqsgd (r = 4, b = 8), fedavg, fedlrt and fedloru
+(their own defaults), plus each row's labelled variants (``gd``, ``qrr p=0.1``,
+``fedloru~precond`` ...). Per run: test accuracy
 (mean over the last 10% of the rounds; the final evaluation beside it), uplink wire bytes,
 uplink per round relative to sgd (and, for FeDLRT and FedLoRU, total uplink relative to
 fedavg), and whether the paper's target holds:
@@ -19,6 +23,10 @@ Usage:
   .venv/bin/python bench/compression_table.py                    # all rows (~15 min on 2 cores)
   .venv/bin/python bench/compression_table.py --write-readme     # ... and update README.md
   .venv/bin/python bench/compression_table.py --rows digits --rounds 50 --local-rounds 20
+  # rows in parallel processes, then one table from their saved results:
+  .venv/bin/python bench/compression_table.py --rows mlp --save /tmp/mlp.json
+  .venv/bin/python bench/compression_table.py --rows qrr_mlp,qrr_cnn --save /tmp/qrr.json
+  .venv/bin/python bench/compression_table.py --combine /tmp/mlp.json /tmp/qrr.json --write-readme
 
 The markdown table goes to stdout, the progress to stderr.
 """
@@ -75,7 +83,7 @@ def run_one(row_key: str, run: S.Run, rounds: int) -> Result:
 
 
 def target_cells(result: Result, by_label: dict[str, Result]) -> str:
-    target = S.TARGETS.get(result.label)
+    target = S.TARGETS.get(result.label) or S.TARGETS.get(result.method)
     if target is None:
         return ""
     ref = by_label.get(S.reference_label(target, S.ROWS[result.row]))
@@ -100,8 +108,8 @@ def markdown(results: list[Result]) -> str:
                 lines.append(f"| {S.ROWS[row_key].title} | {r.label} | {r.rounds} | not run: {r.error} | | | | n/a |")
                 continue
             vs_sgd = (f"{(r.uplink_bytes / r.rounds) / (sgd.uplink_bytes / sgd.rounds):.4f}" if sgd else "")
-            ref = (by_label.get(S.reference_label(S.TARGETS[r.label], S.ROWS[row_key]))
-                   if r.label in ("fedlrt", "fedloru") else None)
+            ref = (by_label.get(S.reference_label(S.TARGETS[r.method], S.ROWS[row_key]))
+                   if r.method in ("fedlrt", "fedloru") else None)
             ref = ref if ref and ref.measured else None
             vs_fedavg = (f"{r.uplink_bytes / ref.uplink_bytes:.4f} ({ref.uplink_bytes / r.uplink_bytes:.1f}x)"
                          if ref else "")
@@ -122,8 +130,9 @@ def settings_notes(rows: list[S.Row], methods: tuple[str, ...]) -> str:
              "- Paper targets (the last column: accuracy points of the method minus its reference's, its uplink "
              "bytes and [paper bits] as a share of the reference's): "
              + "; ".join(f"{t.method} {t.describe()} ({t.source})" for t in S.TARGETS.values())
-             + ". They are stated for the Fashion-MNIST MLP (QRR, LQ-SGD) and for the Fashion-MNIST and "
-             "digits MLPs (FeDLRT, FedLoRU); the CNN row shows them for information.",
+             + ". They are stated for the Fashion-MNIST MLP (QRR at p = 0.3, LQ-SGD) and for the Fashion-MNIST "
+             "and digits MLPs (FeDLRT, FedLoRU); other rows and variants (QRR at p = 0.1 and 0.2, "
+             "fedloru~precond) show them for information.",
              f"- {S.CLIENTS} clients, `{S.PARTITION}` partition, seed {S.SEED}, on the full test set. Uplink bytes "
              "are wire bytes (frames plus ZMTP framing); [paper bits] are each method's own count.",
              f"- Gradient methods: server step `lr = {S.GRADIENT_LR}`, one step per round, their default batch; "
@@ -140,6 +149,18 @@ def settings_notes(rows: list[S.Row], methods: tuple[str, ...]) -> str:
                 matched = "FedLoRU's" if run.label == "fedavg~fedloru" else "FeDLRT's"
                 notes.append(f"- {run.label} on {row.title}: {matched} client lr and local steps, `{extra}`: "
                              f"{run.note}.")
+    for row in rows:
+        if row.gradient_lr is not None or row.gradient_extra:
+            extra = ", ".join(e.removeprefix("algorithm.") for e in row.gradient_extra)
+            notes.append(f"- {row.title}: gradient methods at server step `lr = {row.gradient_lr or S.GRADIENT_LR}`"
+                         + (f", `{extra}`" if extra else "") + ".")
+        if row.local_common:
+            notes.append(f"- {row.title}: every local-training run with "
+                         f"`{', '.join(e.removeprefix('algorithm.') for e in row.local_common)}`.")
+        for label, method, extra in row.variants:
+            if method in methods:
+                notes.append(f"- {label} on {row.title}: {method} with "
+                             f"`{', '.join(e.removeprefix('algorithm.') for e in extra)}`.")
     notes.append("- Per-row rounds are in the table; the uplink-per-round ratio compares families run for different "
                  "numbers of rounds.")
     return "\n".join(notes)
@@ -161,7 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--local-rounds", type=int, default=None,
                     help="rounds of fedavg, fedlrt, fedloru (default: per row)")
     ap.add_argument("--write-readme", action="store_true", help=f"replace README.md between {START} and {END}")
+    ap.add_argument("--labels", default="", help="comma-separated run labels to keep (default: all runs of the rows)")
+    ap.add_argument("--save", metavar="JSON", help="also write the results of these runs to JSON (for --combine)")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="run nothing: build the table from results saved with --save (rows in the given order)")
     args = ap.parse_args(argv)
+    if args.combine:
+        combine(args.combine, args.write_readme, argv)
+        return
     bad_rows = set(args.rows.split(",")) - set(S.ROWS)
     if bad_rows:
         ap.error(f"unknown rows {sorted(bad_rows)} (known: {', '.join(S.ROWS)})")
@@ -177,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     jobs = []
     for row in rows:
         for run in S.plan(row, methods):
+            if args.labels and run.label not in args.labels.split(","):
+                continue
             rounds = S.rounds_of(row, run.method)
             if run.method in S.GRADIENT_METHODS and args.rounds:
                 rounds = args.rounds
@@ -192,26 +222,64 @@ def main(argv: list[str] | None = None) -> None:
             progress.update(task, description=f"{S.ROWS[row_key].title}: {run.label} ({rounds} rounds)")
             r = run_one(row_key, run, rounds)
             ordered.append(r)
+            if args.save:  # after every run: a long table interrupted keeps what it measured
+                save(args.save, ordered, " ".join([".venv/bin/python bench/compression_table.py",
+                                                     *map(shlex.quote, argv or sys.argv[1:])]),
+                     [row.key for row in rows], methods)
             if r.measured is None:
                 progress.console.print(f"{r.row:6} {r.label:14} not run: {r.error}")
             else:
-                progress.console.print(f"{r.row:6} {r.label:14} {r.rounds:4d} rounds  acc {r.accuracy:.4f}  "
-                                       f"up {r.uplink_bytes:>13,}  {r.measured.wall_s:6.1f} s")
+                progress.console.print(f"{r.row:6} {r.label:14} {r.rounds:4d} rounds  acc {r.accuracy:.4f} "
+                                       f"(final {r.measured.final_accuracy:.4f})  up {r.uplink_bytes:>13,}  "
+                                       f"[{r.measured.uplink_payload_bits:,} bits]  {r.measured.wall_s:6.1f} s")
             progress.advance(task)
-    table = markdown(ordered)
     command = " ".join([".venv/bin/python bench/compression_table.py", *map(shlex.quote, argv or sys.argv[1:])])
+    if args.save:
+        save(args.save, ordered, command.strip(), [row.key for row in rows], methods)
+    emit(ordered, rows, methods, f"`{command.strip()}`", args.write_readme, console)
+
+
+def emit(ordered: list[Result], rows: list[S.Row], methods: tuple[str, ...], how: str, write: bool, console) -> None:
     block = "\n".join([
-        f"Generated {_dt.date.today().isoformat()} by `{command.strip()}` "
-        f"({sum(r.measured.wall_s for r in ordered if r.measured) / 60:.1f} minutes of runs).",
+        f"Generated {_dt.date.today().isoformat()} by {how} "
+        f"({sum(r.measured.wall_s for r in ordered if r.measured) / 60:.1f} minutes of runs on 2 shared cores).",
         "",
-        table,
+        markdown(ordered),
         "",
         settings_notes(rows, methods),
     ])
     print(block)
-    if args.write_readme:
+    if write:
         write_readme(block)
         console.print(f"README.md updated between {START} and {END}")
+
+
+def save(path: str, results: list[Result], command: str, rows: list[str], methods: tuple[str, ...]) -> None:
+    import json
+    payload = {"command": command, "rows": rows, "methods": list(methods),
+               "results": [{**{k: v for k, v in dataclasses.asdict(r).items() if k != "measured"},
+                            "measured": None if r.measured is None else dataclasses.asdict(r.measured)}
+                           for r in results]}
+    Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def combine(paths: list[str], write: bool, argv) -> None:
+    """One table from several ``--save`` files (rows run in parallel processes)."""
+    import json
+
+    from rich.console import Console
+    ordered, rows, methods, commands = [], [], [], []
+    for path in paths:
+        payload = json.loads(Path(path).read_text())
+        commands.append(f"`{payload['command']}`")
+        rows += [S.ROWS[k] for k in payload["rows"] if S.ROWS[k] not in rows]
+        methods += [m for m in payload["methods"] if m not in methods]
+        for r in payload["results"]:
+            measured = None if r["measured"] is None else S.Measured(**r["measured"])
+            ordered.append(Result(r["row"], r["label"], r["method"], r["rounds"], measured, r["error"]))
+    combined = " ".join([".venv/bin/python bench/compression_table.py", *map(shlex.quote, argv or sys.argv[1:])])
+    how = "; ".join(commands) + f", combined by `{combined}`"
+    emit(ordered, rows, tuple(m for m in S.METHODS if m in methods), how, write, Console(stderr=True, width=100))
 
 
 if __name__ == "__main__":

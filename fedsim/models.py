@@ -10,6 +10,11 @@ Every model is a plain ``nn.Sequential`` so parameter names are stable (``"1.wei
   then Flatten + Linear. Its conv weights are 4-D (out, in, 3, 3), so Tucker
   decompositions apply. Two blocks fit both 8x8 digits (-> 2x2) and 28x28 Fashion-MNIST
   (-> 7x7).
+* ``qrr_cnn``: the QRR paper's CNN (Kritsiolis & Kotropoulos; authors' file utils.py of
+  Kritsos/QRR-code, the commented-out MNIST ``Net``): Conv2d(16, 3x3, padding 1) + ReLU,
+  Conv2d(32, 3x3, padding 1) + ReLU, MaxPool(2x2), Flatten, Linear(64) + ReLU, Linear(classes).
+  On 28x28 images the first Linear is 6272 x 64 (32 x 14 x 14 inputs). ``channels`` and
+  ``hidden`` do not apply to it.
 
 Models carry no state beyond their parameters (no batch norm, no dropout): clients call them
 with ``torch.func.functional_call(model, params, x)``.
@@ -28,7 +33,7 @@ from torch.func import functional_call
 from .data import derive_seed
 from .errors import ScenarioError
 
-MODEL_KINDS = ("logistic", "mlp", "cnn")
+MODEL_KINDS = ("logistic", "mlp", "cnn", "qrr_cnn")
 
 
 def _positive_ints(value: Any) -> bool:
@@ -41,7 +46,7 @@ class ModelConfig:
     """Settings under ``[model]``."""
 
     kind: str = "mlp"
-    """``logistic`` | ``mlp`` | ``cnn``."""
+    """``logistic`` | ``mlp`` | ``cnn`` | ``qrr_cnn`` (the QRR paper's CNN, fixed widths)."""
     hidden: list[int] = field(default_factory=lambda: [64])
     """MLP hidden layer widths (units), input side first."""
     channels: list[int] = field(default_factory=lambda: [8, 16])
@@ -66,7 +71,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     input_shape = tuple(int(s) for s in input_shape)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if cfg.kind == "cnn" and len(input_shape) != 3:
+    if cfg.kind in ("cnn", "qrr_cnn") and len(input_shape) != 3:
         raise ScenarioError("model.kind", cfg.kind, f"a CNN needs image inputs (C, H, W); this data set's samples have shape {input_shape}")
     if cfg.kind == "cnn":
         _, h, w = input_shape
@@ -80,6 +85,12 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
 
 def _layers(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
     f32 = torch.float32
+    if cfg.kind == "qrr_cnn":
+        c, h, w = input_shape
+        return nn.Sequential(nn.Conv2d(c, 16, 3, padding=1, dtype=f32), nn.ReLU(),
+                             nn.Conv2d(16, 32, 3, padding=1, dtype=f32), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Flatten(), nn.Linear(32 * (h // 2) * (w // 2), 64, dtype=f32), nn.ReLU(),
+                             nn.Linear(64, num_classes, dtype=f32))
     if cfg.kind == "cnn":
         layers: list[nn.Module] = []
         c, h, w = input_shape

@@ -34,12 +34,29 @@ def test_payload_bits_match_wire_bytes(method, bits):
     alg.check_reply("grad", reply)
 
 
-def test_slaq_skips_save_uploads_and_are_counted():
-    _, laq_acc, laq_bits, _, _ = train("laq", {"lr": 0.5, "bits": 3}, 60)
-    _, slaq_acc, slaq_bits, comm, _ = train("slaq", {"lr": 0.5, "bits": 3}, 60)
-    assert comm.counters.get("skips", 0) > 50
-    assert slaq_bits < 0.7 * laq_bits
-    assert slaq_acc > laq_acc - 0.05
+@pytest.mark.parametrize("method", ["laq", "slaq"])
+def test_lazy_rule_skips_uploads_counts_them_and_keeps_accuracy(method):
+    _, eager_acc, eager_bits, eager, _ = train(method, {"lr": 0.5, "bits": 3, "lazy": False}, 60)
+    _, lazy_acc, lazy_bits, comm, _ = train(method, {"lr": 0.5, "bits": 3}, 60)
+    assert "skipped_uploads" not in eager.counters
+    skipped, uploaded = comm.counters.get("skipped_uploads", 0), comm.counters["quantized_uploads"]
+    assert skipped > 50 and skipped + uploaded == 5 * 60
+    assert lazy_bits < 0.7 * eager_bits
+    assert lazy_acc > eager_acc - 0.05
+
+
+def test_published_defaults():
+    laq, slaq = get_algorithm("laq").Config(), get_algorithm("slaq").Config()
+    assert (laq.batch_size, laq.lazy, slaq.lazy) == (0, True, True) and slaq.batch_size > 0
+    for cfg in (laq, slaq):  # the authors' D, ck and C
+        assert (cfg.lazy_window, cfg.lazy_xi, cfg.max_skips) == (10, 0.8, 100)
+
+
+def test_max_skips_forces_an_upload():
+    # lazy_xi huge: every round after the first qualifies for a skip; t-bar = 2 caps the run
+    _, _, _, comm, _ = train("slaq", {"lr": 0.5, "bits": 3, "lazy_xi": 1e9, "max_skips": 2}, 13, clients=2)
+    # per client: round 0 uploads (no Q yet), then (skip, skip, upload) x 4
+    assert comm.counters["skipped_uploads"] == 2 * 8 and comm.counters["quantized_uploads"] == 2 * 5
 
 
 def test_zero_gradient_is_safe():
@@ -101,3 +118,19 @@ def test_bits_out_of_range_is_a_config_error(bad):
 def test_unknown_key_is_a_config_error():
     with pytest.raises(ConfigError):
         get_algorithm("slaq").make_config({"rank": 3})
+
+
+def test_laq_scenario_counts_skipped_uploads_in_the_summary():
+    """The LAQ scenario (logistic regression; digits here, so no download is needed) through
+    the real runtime: the lazy rule skips, and summary.json counts it."""
+    from fedsim.runner import run
+    from fedsim.scenario import load_scenario
+
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "laq_logistic.toml"
+    scenario = load_scenario(str(path), ["data.dataset=digits", "run.rounds=12"])
+    summary = run(scenario).summary
+    counters = summary["counters"]
+    assert counters["skipped_uploads"] > 0
+    assert counters["skipped_uploads"] + counters["quantized_uploads"] == 10 * 12

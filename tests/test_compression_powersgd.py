@@ -105,3 +105,40 @@ def test_zero_gradients_keep_the_warm_start_alive():
 def test_bad_config(method, key, value):
     with pytest.raises(ConfigError):
         get_algorithm(method).make_config({key: value})
+
+
+def test_min_compression_rate_decides_which_layers_compress():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.ReLU(), torch.nn.Linear(20, 10))
+    cls = get_algorithm("powersgd")
+    # rank 8 on 20 x 30: (20 + 30) * 8 = 400 < 600, but 400 * 2 >= 600 (PyTorch's default rate 2)
+    assert not cls(cls.make_config({"rank": 8}), model).plans["0.weight"].compressed
+    assert cls(cls.make_config({"rank": 8, "min_compression_rate": 1}), model).plans["0.weight"].compressed
+    with pytest.raises(ConfigError, match="min_compression_rate"):
+        cls.make_config({"min_compression_rate": 0.5})
+
+
+def test_warmup_rounds_are_uncompressed_then_compression_starts():
+    from tests.statesync import train
+    _, _, _, comm, alg = train("powersgd", {"rank": 2, "start_round": 3, "lr": 0.5}, 5)
+    dense = 32 * sum(t.numel() for t in alg.params.values())
+    per_round = comm.uplink_bits  # 3 dense rounds of 5 clients, then 2 compressed ones
+    assert per_round < 5 * dense * 5 and per_round > 3 * 5 * dense
+    assert alg.Q  # the warm start survives the warm-up
+
+
+@pytest.mark.parametrize("feedback", ["aggregated", "own"])
+def test_error_feedback_choice_trains(feedback):
+    from tests.statesync import train
+    before, after, _, comm, _ = train("powersgd", {"rank": 1, "lr": 0.5, "error_feedback": feedback}, 30)
+    assert after > before + 0.3 and comm.counters.get("stale_rejected", 0) == 0
+
+
+def test_aggregated_error_feedback_uses_the_servers_q():
+    """One client: the aggregate Q is its own Q_i, so both choices keep the same residual; with
+    two clients they differ."""
+    from tests.statesync import train
+    one = [train("powersgd", {"rank": 1, "lr": 0.5, "error_feedback": f}, 4, clients=1)[4] for f in ("aggregated", "own")]
+    assert all(torch.equal(one[0].params[k], one[1].params[k]) for k in one[0].params)
+    two = [train("powersgd", {"rank": 1, "lr": 0.5, "error_feedback": f}, 4, clients=2)[4] for f in ("aggregated", "own")]
+    assert not all(torch.equal(two[0].params[k], two[1].params[k]) for k in two[0].params)

@@ -116,3 +116,22 @@ def test_fc_bits_formula_on_mlp_784_200_10():
 def test_bad_config(key, value):
     with pytest.raises(ConfigError):
         get_algorithm("qrr").make_config({key: value})
+
+
+def test_paper_cnn_upload_is_under_a_tenth_of_sgd_by_the_authors_formula():
+    """The QRR paper's CNN on 28x28 (fedsim model ``qrr_cnn``), p = 0.3, b = 8: the authors' bit
+    formula gives 7.85% of SGD's 32-bit upload (p = 0.1: 2.76%, p = 0.2: 5.11%). The 3x3 kernels
+    keep rank ceil(0.3 * 3) = 1 in both spatial modes of their Tucker decomposition."""
+    from algorithms import get_algorithm
+    from algorithms.common import dense_bits
+    from fedsim.models import ModelConfig, build_model
+
+    model = build_model(ModelConfig(kind="qrr_cnn"), (1, 28, 28), 10, seed=1)
+    cls = get_algorithm("qrr")
+    ratios = {}
+    for p in (0.1, 0.2, 0.3):
+        alg = cls(cls.make_config({"rank_fraction": p, "bits": 8}), model)
+        ratios[p] = alg.upload_bits() / dense_bits(alg.params)
+    assert ratios[0.1] < ratios[0.2] < ratios[0.3] < 0.10
+    alg = cls(cls.make_config({"rank_fraction": 0.3, "bits": 8}), model)
+    assert alg.plan["2.weight"] == ("tucker", (10, 5, 1, 1)) and alg.plan["6.weight"] == ("svd", 20)

@@ -45,11 +45,26 @@ def test_regression_converges_and_rank_settles_at_true_rank(partition, initial_r
 
 def test_global_loss_never_increases_with_variance_correction():
     # Skewed clients, full variance correction, step λ = 1/(12 L s) with L the largest
-    # client smoothness constant (the bound's form: λ ≲ 1/(L s)).
+    # client smoothness constant. The constant 12 is the project's own choice: the paper's
+    # descent theorem has a step bound of the form λ ≲ 1/(L s), but its exact statement
+    # could not be read from here (see algorithms/fedlrt.py), so this bound is not quoted
+    # from it.
     _, _, losses, _ = _regression_run("dirichlet", 2, rounds=100, lr_scale=1 / 12)
     increases = [(t, a, b) for t, (a, b) in enumerate(zip(losses, losses[1:])) if b > a]
     assert increases == []
     assert losses[-1] / losses[0] < 0.2
+
+
+def test_default_is_variance_corrected_and_reduces_loss_on_dirichlet_clients():
+    """Dirichlet(0.1) clients (the fixture's skew), 10 local steps at λ s = 5 / L (beyond the
+    descent bound, where client drift shows): the default correction ends at a lower global
+    loss than ``none`` after the same rounds (measured, 5 rounds: 3.1e-3 of the initial loss
+    with ``full``, 4.0e-3 with ``simplified``, 4.9e-3 with ``none``)."""
+    default = FeDLRT.Config().variance_correction
+    assert default != "none"
+    _, _, corrected, _ = _regression_run("dirichlet", 4, rounds=5, lr_scale=5.0, correction=default, steps=10)
+    _, _, plain, _ = _regression_run("dirichlet", 4, rounds=5, lr_scale=5.0, correction="none", steps=10)
+    assert corrected[-1] < 0.8 * plain[-1]
 
 
 @pytest.mark.parametrize("correction", ["simplified", "none"])

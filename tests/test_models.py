@@ -121,4 +121,12 @@ def test_models_are_plain_sequential_without_state():
         model = build_model(ModelConfig(kind=kind), DIGITS, 10, seed=0)
         assert isinstance(model, nn.Sequential) and not list(model.buffers())
         conv = [p for k, p in model.named_parameters() if p.dim() == 4]
-        assert bool(conv) == (kind == "cnn")
+        assert bool(conv) == (kind in ("cnn", "qrr_cnn"))
+
+
+def test_qrr_paper_cnn_layers():
+    """The QRR paper's CNN (Kritsos/QRR-code utils.py): conv16, conv32, pool, fc64, fc10 on 28x28."""
+    model = build_model(ModelConfig(kind="qrr_cnn"), (1, 28, 28), 10, seed=0)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    assert shapes == [(16, 1, 3, 3), (16,), (32, 16, 3, 3), (32,), (64, 32 * 14 * 14), (64,), (10, 64), (10,)]
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

@@ -103,7 +103,19 @@ def test_digits_mlp_lqsgd_target_in_paper_bits():
     check_target("digits", "lqsgd", unit="paper bits")
 
 
-@pytest.mark.parametrize("method", ["fedlrt", "fedloru"])
+DIGITS_WIDE_NOT_MET: dict[str, str] = {
+    "fedloru": "FedLoRU with the official code's semantics (zero base, Kaiming factors, SGD momentum 0.9, "
+               "weight decay 1e-4, clipping at 0.1; lr 0.2, 24 steps, rank 16, tau 5): 0.9304 against FedAvg's "
+               "0.9777 (-4.7 points) at 10.6% of its uplink bytes after 30 rounds (measured 2026-12-01); the "
+               "project's preconditioned variant met it before (algorithm.init=subspace, local_step=preconditioned)",
+}
+"""Low-rank targets on ``digits_wide`` not met (strict ``xfail``: meeting one turns the test red)."""
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=[pytest.mark.xfail(strict=True, raises=AssertionError,
+                                                                              reason=DIGITS_WIDE_NOT_MET[m])]
+                                                 if m in DIGITS_WIDE_NOT_MET else [])
+                                    for m in ("fedlrt", "fedloru")])
 def test_digits_wide_mlp_low_rank_target(method):
     """The low-rank targets on a digits MLP wide enough for low rank to pay (64-512-512-10)."""
     check_target("digits_wide", method)

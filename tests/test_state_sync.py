@@ -55,7 +55,8 @@ class CarelessLAQ(LAQ):
 
 
 def _replay_scenario(method):
-    h = Harness(method, config={"bits": 3}, replay=True)
+    # lazy off: every round uploads an innovation, so the replayed one is a real upload
+    h = Harness(method, config={"bits": 3, "lazy": False}, replay=True)
     for _ in range(3):
         h.run_round()
     h.run_round(up=["replay"])      # client 0's round-2 innovation arrives again, re-stamped
