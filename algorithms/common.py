@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fastpath
 from .base import Params, Payload, ProtocolError
 
 
@@ -40,7 +41,12 @@ def bind_params(model: nn.Module, params: Params) -> list[nn.Parameter]:
 
 
 def loss_and_grad(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[float, Params]:
-    """Cross-entropy loss (a float) and its gradient w.r.t. ``params`` at ``params``."""
+    """Cross-entropy loss (a float) and its gradient w.r.t. ``params`` at ``params``.
+
+    Models the lean path covers (:mod:`algorithms.fastpath`) skip autograd."""
+    plan = fastpath.plan(model)
+    if plan is not None:
+        return fastpath.loss_and_grad(plan, params, x, y)
     bound = bind_params(model, params)
     loss = F.cross_entropy(model(x), y)
     grads = torch.autograd.grad(loss, bound)
@@ -66,6 +72,10 @@ def local_sgd(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor
               epochs: int, batch_size: int, generator: torch.Generator) -> tuple[Params, int]:
     """Plain minibatch SGD from ``params``; returns new params and samples processed."""
     current = {k: v.clone() for k, v in params.items()}
+    plan = fastpath.plan(model)
+    if plan is not None:
+        batches = (idx for _ in range(epochs) for idx in minibatches(x.shape[0], batch_size, generator))
+        return current, fastpath.sgd_steps(plan, current, x, y, batches, lr)
     bound = bind_params(model, current)  # steps below update `current` in place through `bound`
     seen = 0
     for _ in range(epochs):
