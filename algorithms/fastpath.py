@@ -12,7 +12,8 @@ Covered models (``fedsim.models``), recognised by structure:
 * **dense stacks**: ``Sequential(Flatten?, Linear, (ReLU, Linear)*)`` with biases: the
   ``logistic`` and ``mlp`` kinds;
 * **conv stacks**: ``Sequential((Conv2d, ReLU, MaxPool2d(2))+, Flatten, Linear)``: the ``cnn``
-  kind (convolution and pooling backward through the same ATen kernels autograd calls).
+  kind (convolution and pooling backward through the same ATen kernels autograd calls); off
+  by default (:data:`CONV_ENABLED`: it does not win on this CPU).
 
 Every other model returns ``None`` from :func:`plan` and the caller keeps the autograd path.
 The loss is the mean cross-entropy, as ``F.cross_entropy``. Results agree with autograd to
@@ -33,6 +34,11 @@ Params = dict[str, torch.Tensor]
 
 ENABLED_BY_DEFAULT = True
 """Whether a model nobody configured takes the lean path (the runtime always sets it)."""
+CONV_ENABLED = False
+"""Whether conv stacks take the lean path. Off: measured here (bench/compress_cost.py, CNN
+8-16 on 28x28, batch 32, one thread, busy machine) the lean conv step took 36.6 ms against
+autograd's 29.8 ms (the convolutions dominate and both call the same kernels), so the cnn
+kind keeps autograd; the plan is kept, and tested against autograd, for hardware where it wins."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ def _recognise(model: nn.Module) -> Plan | None:
         return None
     mods = list(model.named_children())
     if any(isinstance(m, nn.Conv2d) for _, m in mods):
-        return _recognise_conv(mods)
+        return _recognise_conv(mods) if CONV_ENABLED else None
     if mods and isinstance(mods[0][1], nn.Flatten):
         if (mods[0][1].start_dim, mods[0][1].end_dim) != (1, -1):
             return None

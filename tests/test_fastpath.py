@@ -43,7 +43,8 @@ def _close(a: dict, b: dict, tol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize("kind,cfg,shape", MODELS, ids=[m[0] for m in MODELS])
-def test_lean_matches_autograd(kind, cfg, shape):
+def test_lean_matches_autograd(kind, cfg, shape, monkeypatch):
+    monkeypatch.setattr(fastpath, "CONV_ENABLED", True)  # off by default (slower here), still exact
     model = build_model(cfg, shape, 5, seed=3)
     assert fastpath.plan(model) is not None, f"{kind} is not covered by the lean path"
     g = torch.Generator().manual_seed(0)
