@@ -29,6 +29,8 @@ from .codec import SERVER, CodecError, Limits, Message
 NODE = -2
 """Sender id of node-level control messages (registration)."""
 HELLO = "_hello"
+HELLO_CHUNK = 4096
+"""Client ids per registration message (below the codec's array-length limit)."""
 DONE = "_done"
 
 
@@ -149,10 +151,12 @@ class Node:
             self.log("drop", dst=msg.dst, kind=msg.kind, reason="peer_gone")
 
     def hello(self, client_ids: list[int]) -> None:
-        """Client side: announce the clients this node hosts."""
-        msg = Message(src=NODE, dst=SERVER, round=-1, kind=HELLO, version=0,
-                      payload=codec.Payload(meta={"clients": client_ids}))
-        self.transport.send(codec.encode(self._stamp(msg)))
+        """Client side: announce the clients this node hosts, ``HELLO_CHUNK`` ids a message
+        (a receiver's msgpack limits cap one array's length: 100,000 ids do not fit in one)."""
+        for start in range(0, len(client_ids), HELLO_CHUNK):
+            msg = Message(src=NODE, dst=SERVER, round=-1, kind=HELLO, version=0,
+                          payload=codec.Payload(meta={"clients": client_ids[start:start + HELLO_CHUNK]}))
+            self.transport.send(codec.encode(self._stamp(msg)))
 
     def farewell(self) -> None:
         """Server side: tell every client node the run is over (control, not modelled)."""
