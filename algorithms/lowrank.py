@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from . import fastpath
 from .base import ConfigError, Params, Payload, ProtocolError
 from .common import all_finite
 
@@ -168,9 +169,21 @@ Builder = Callable[[dict[str, torch.Tensor]], Params]
 
 def loss_and_grads(model: nn.Module, build: Builder, leaves: dict[str, torch.Tensor], x: torch.Tensor,
                    y: torch.Tensor, loss: str) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss (a float) at ``build(leaves)`` and its gradient w.r.t. every leaf."""
+    """Loss (a float) at ``build(leaves)`` and its gradient w.r.t. every leaf.
+
+    On a model the lean path covers (:mod:`algorithms.fastpath`, cross-entropy only), the
+    model's forward and backward run without autograd and only the small graph of ``build``
+    (factors to weights) is differentiated, by the chain rule from the dense gradients."""
     live = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
-    value = LOSSES[loss](functional_call(model, build(live), (x,)), y)
+    plan = fastpath.plan(model) if loss == "cross_entropy" else None
+    weights = build(live) if plan is not None else None
+    if weights is not None and fastpath.covers(plan, weights):
+        value, dense = fastpath.loss_and_grad(plan, {k: w.detach() for k, w in weights.items()}, x, y)
+        outs = [(w, dense[k]) for k, w in weights.items() if w.requires_grad]
+        grads = torch.autograd.grad([w for w, _ in outs], list(live.values()), grad_outputs=[g for _, g in outs],
+                                    allow_unused=True) if outs else [None] * len(live)
+        return value, {k: (torch.zeros_like(live[k]) if g is None else g) for k, g in zip(live, grads)}
+    value = LOSSES[loss](functional_call(model, build(live) if weights is None else weights, (x,)), y)
     grads = torch.autograd.grad(value, list(live.values()), allow_unused=True)
     return float(value.detach()), {k: (torch.zeros_like(live[k]) if g is None else g)
                                    for k, g in zip(live, grads)}

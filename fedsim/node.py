@@ -29,7 +29,8 @@ from .codec import SERVER, CodecError, Limits, Message
 NODE = -2
 """Sender/receiver id of node-level control messages (sessions, liveness, the end)."""
 HELLO = "_hello"
-"""client node -> server: ``meta = {clients, session}``: the ids this node hosts."""
+"""client node -> server: ``meta = {clients, session}``: ids this node hosts (a node with
+many clients says hello in several chunks of one session)."""
 WELCOME = "_welcome"
 """server -> client node: the hello is accepted; ``meta = {server_session, resumed}``."""
 REFUSED = "_refused"
@@ -38,6 +39,8 @@ PING = "_ping"
 PONG = "_pong"
 UNKNOWN = "_unknown"
 """server -> a node that pings without a session here (the server restarted): say hello."""
+HELLO_CHUNK = 4096
+"""Client ids per registration message (below the codec's array-length limit)."""
 DONE = "_done"
 MAX_SESSION_CHARS = 64
 
@@ -212,8 +215,11 @@ class Node:
         return True
 
     def hello(self, client_ids: list[int]) -> None:
-        """Client side: announce the clients this node hosts, in this node's session."""
-        self._control(HELLO, {"clients": client_ids, "session": self.session})
+        """Client side: announce the clients this node hosts, in this node's session,
+        ``HELLO_CHUNK`` ids a message (a receiver's msgpack limits cap one array's length:
+        100,000 ids do not fit in one)."""
+        for start in range(0, len(client_ids), HELLO_CHUNK):
+            self._control(HELLO, {"clients": client_ids[start:start + HELLO_CHUNK], "session": self.session})
 
     def ping(self) -> None:
         """Client side: a heartbeat (the server answers with PONG, or UNKNOWN after a restart)."""
@@ -361,22 +367,28 @@ class Node:
             self.stats.count("session_superseded")
             rejoin = True
         previous = self.sessions.get(peer)
-        if previous is not None and previous.session == session_id and previous.clients == sorted(clients):
-            # the same session saying hello again (it lost word of us for a while): welcome it back
+        if previous is not None and previous.session == session_id:
+            # the same session: another chunk of its ids, or a hello again after it lost word
+            # of us for a while (welcomed back; not a rejoin)
+            fresh = sorted(set(clients) - set(previous.clients))
+            previous.clients = sorted(set(previous.clients) | set(clients))
             previous.last_seen = self._now()
-            self._control(WELCOME, {"server_session": self.session, "resumed": self.resumed}, peer)
-            return
-        if previous is not None:
-            self._drop_session(peer)
-        rejoin = rejoin or bool(self._ever_joined & set(clients))
-        self.sessions[peer] = PeerSession(peer, session_id, key, sorted(clients), self._now())
+            rejoin = rejoin or bool(self._ever_joined & set(fresh))
+            clients = fresh
+        else:
+            if previous is not None:
+                self._drop_session(peer)
+            rejoin = rejoin or bool(self._ever_joined & set(clients))
+            self.sessions[peer] = PeerSession(peer, session_id, key, sorted(clients), self._now())
         for c in clients:
             self.routes[c] = peer
         self._ever_joined.update(clients)
+        self._control(WELCOME, {"server_session": self.session, "resumed": self.resumed}, peer)
+        if not clients:
+            return
         self.log("hello", clients=len(clients), rejoin=rejoin)
         if rejoin:
             self.stats.count("rejoin")
-        self._control(WELCOME, {"server_session": self.session, "resumed": self.resumed}, peer)
         if self.on_join is not None:
             self.on_join(sorted(clients), rejoin)
         if self.registered is not None and limit is not None and len(self.routes) >= limit:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import zmq
 
+from algorithms import fastpath
 from algorithms.base import Algorithm, ConfigError, params_digest
 from network.emulator import Emulator
 from network.transport import Transport
@@ -253,6 +254,7 @@ class ClientSide:
         self.loop, self.transport = loop, transport
         self.node = Node(transport, log=events, stats=stats, limits=limits, seed=run.seed)
         wps = work_per_sample(model, dataset.input_shape)
+        fastpath.set_enabled(model, run.vectorise)  # lean client steps, or the autograd reference
         self.clients = {
             i: ClientRole(i, self.node, algorithm, ClientData(dataset.train_x[parts[i]], dataset.train_y[parts[i]]),
                           model=model, seed=run.seed, work_per_sample=wps, compute_time=compute_time,

@@ -21,9 +21,8 @@ def attacks() -> dict[str, list[bytes]]:
                                 payload=Payload({"w": torch.ones(4)}), msg_id=99))
     head = codec.peek_route(good[0])
     head["tn"] = [["w", "float32", [2 ** 29]]]  # declares 2 GiB
-    import zlib
     env = msgpack.packb(head)
-    huge = [codec._CRC.pack(zlib.crc32(env)) + env, b"\0" * 16]
+    huge = [codec._CRC.pack(codec.checksum(env)) + env, b"\0" * 16]
     hijack = codec.encode(Message(src=NODE, dst=SERVER, round=-1, kind=HELLO, version=0,
                                   payload=Payload(meta={"clients": [0, 1]})))
     return {

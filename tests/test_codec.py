@@ -91,11 +91,10 @@ def forge(head_updates, tensor_frames=()):
     head = codec.peek_route(codec.encode(msg())[0])
     head.update(head_updates)
     env = msgpack.packb(head, use_bin_type=True)
-    import zlib
     crc = 0
     for f in tensor_frames:
-        crc = zlib.crc32(f, crc)
-    return [codec._CRC.pack(zlib.crc32(env, crc)) + env, *tensor_frames]
+        crc = codec.checksum(f, crc)
+    return [codec._CRC.pack(codec.checksum(env, crc)) + env, *tensor_frames]
 
 
 def test_huge_declared_size_rejected_before_allocation():

@@ -1,0 +1,124 @@
+"""Fast client compute vs the plain path vs a bare PyTorch loop, side by side in one process.
+
+Workload (the usual peer-framework benchmark): FedAvg, MLP 784-200-10 (159k parameters,
+636 KB a message), synthetic 784-feature data, 100 samples a client, 1 local epoch, batch 32,
+lr 0.05, 5 rounds; 100 clients, then 1,000 (3 rounds there, to keep the script short).
+
+* **bare**: a plain sequential PyTorch loop (``bench/overhead.py``): load_state_dict,
+  torch.optim.SGD, autograd, no actors, no codec, no network;
+* **fedsim plain**: ``run.vectorise = false``: every client step through autograd;
+* **fedsim fast**: ``run.vectorise = true`` (the default): what fedsim picks on this hardware.
+  On a CPU that is the lean per-client step of :mod:`algorithms.fastpath` (hand-written
+  forward/backward, the gradient folded into the update). Stacking clients into ``bmm``s
+  loses on a CPU (100 copies of the model leave the cache; see docs/architecture.md).
+
+The **steady round** is the median wall time between consecutive round ends (training,
+messages, aggregation and evaluation of a round; data generation and setup excluded, and the
+data set is generated once and shared by all sides). Sides alternate, ``--repeats`` times;
+the table gives medians. The machine is shared with other work, so absolute times drift:
+read the ratios. Final accuracies: fedsim plain and fast must agree to float tolerance (same
+seeds, same minibatches; the largest parameter difference is printed); the bare loop
+shuffles with its own seeds, so it agrees within noise only.
+
+Run: python bench/vectorised.py [--repeats 3] [--clients 100 1000]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import fedsim.runner
+from bench import overhead
+from fedsim.runner import run
+from fedsim.scenario import load_scenario
+
+
+_load = fedsim.runner.load_dataset
+_DATASETS: dict[tuple[str, int], object] = {}
+
+
+def _cached_load(cfg, seed):
+    key = (repr(cfg), seed)
+    if key not in _DATASETS:
+        _DATASETS[key] = _load(cfg, seed)
+    return _DATASETS[key]
+
+
+def _bare(scenario) -> tuple[list[float], float, dict | None]:
+    marks: list[float] = []
+    _, acc = overhead.bare(scenario, marks)
+    return marks, acc, None
+
+
+def _fedsim(scenario) -> tuple[list[float], float, dict | None]:
+    marks: list[float] = []
+    result = run(scenario, progress=lambda m, total: marks.append(time.perf_counter()))
+    return marks, result.summary["final_accuracy"], result.final_params
+
+
+def steady(marks: list[float]) -> float:
+    return statistics.median(b - a for a, b in zip(marks, marks[1:]))
+
+
+def measure(clients: int, rounds: int, repeats: int) -> dict:
+    base = overhead.workload("mlp784", clients, [f"run.rounds={rounds}"])
+    sides = {
+        "bare loop": (_bare, load_scenario(None, base)),
+        "fedsim plain": (_fedsim, load_scenario(None, base + ["run.vectorise=false"])),
+        "fedsim fast": (_fedsim, load_scenario(None, base + ["run.vectorise=true"])),
+    }
+    rounds_s: dict[str, list[float]] = {k: [] for k in sides}
+    accs, params = {}, {}
+    for rep in range(repeats + 1):  # the first pass warms up (and generates the data once)
+        for label, (fn, scenario) in sides.items():
+            marks, acc, final = fn(scenario)
+            if rep:
+                rounds_s[label].append(steady(marks))
+            accs[label], params[label] = acc, final
+    diff = max(float((params["fedsim fast"][k] - params["fedsim plain"][k]).abs().max()) for k in params["fedsim fast"])
+    return {"rounds": rounds_s, "accs": accs, "param_diff": diff}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    # Generate each synthetic data set once for all sides (setup is not what is compared).
+    fedsim.runner.load_dataset = overhead.load_dataset = _cached_load
+    console = Console()
+    for clients in args.clients:
+        rounds = 5 if clients <= 100 else 3
+        repeats = args.repeats if clients <= 100 else 1
+        res = measure(clients, rounds, repeats)
+        med = {k: statistics.median(v) for k, v in res["rounds"].items()}
+        table = Table(title=f"bench/vectorised.py: FedAvg, MLP 784-200-10, {clients} clients x 100 samples, 1 epoch, "
+                            f"batch 32, lr 0.05, {rounds} rounds; steady round, median of {repeats} (CPU, 1 thread, "
+                            f"shared machine)")
+        for col in ("path", "steady round (s)", "all repeats (s)", "/ bare loop", "final accuracy"):
+            table.add_column(col)
+        for k, v in res["rounds"].items():
+            table.add_row(k, f"{med[k]:.3f}", " ".join(f"{t:.3f}" for t in v), f"{med[k] / med['bare loop']:.2f}",
+                          f"{res['accs'][k]:.4f}")
+        console.print(table)
+        print(f"clients={clients}: fast/bare={med['fedsim fast'] / med['bare loop']:.2f} (target <= 0.5) "
+              f"plain/bare={med['fedsim plain'] / med['bare loop']:.2f} "
+              f"max |fast - plain| parameter={res['param_diff']:.2e}")
+    if torch.cuda.is_available():
+        print("A GPU is present: fedsim has no batched GPU client path yet; the figures above are CPU only.")
+    else:
+        print("No GPU on this machine: CPU figures only.")
+
+
+if __name__ == "__main__":
+    main()
