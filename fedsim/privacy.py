@@ -127,29 +127,40 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow(row)
 
 
-def write_grid(panels: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path, per_panel: int = 4) -> None:
-    """One column block per panel (title, truth, reconstructions): truth above, reconstruction below."""
+def write_grid(panels: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path, per_panel: int = 4,
+               panels_per_row: int = 4) -> None:
+    """A PNG of labelled panels (title, truth, reconstructions), ``panels_per_row`` side by
+    side: in each panel the true images are the top row, their reconstructions below."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = len(panels)
-    cols = max(1, min(per_panel, max(len(t) for _, t, _ in panels) if panels else 1))
-    fig, axes = plt.subplots(2 * n, cols, figsize=(1.1 * cols + 1.8, 2.2 * n), squeeze=False)
-    for p, (title, truth, recon) in enumerate(panels):
-        for c in range(cols):
-            for row, src in ((2 * p, truth), (2 * p + 1, recon)):
-                ax = axes[row][c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if c < len(src):
-                    ax.imshow(np.clip(_gray(src[c]), 0, 1), cmap="gray", vmin=0, vmax=1)
-                else:
-                    ax.axis("off")
-        axes[2 * p][0].set_ylabel("truth", fontsize=7)
-        axes[2 * p + 1][0].set_ylabel(title, fontsize=7)
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=110)
+    if not panels:
+        return
+    h, w = _gray(panels[0][1][0]).shape
+    cols = max(1, min(per_panel, max(len(t) for _, t, _ in panels)))
+    title_px, gap = max(4, h // 2), max(2, w // 3)
+    pw, ph = cols * (w + 1) + gap, title_px + 2 * (h + 1) + gap
+    nrow = math.ceil(len(panels) / panels_per_row)
+    ncol = min(len(panels), panels_per_row)
+    canvas = np.full((nrow * ph, ncol * pw), np.nan)
+    for p, (_, truth, recon) in enumerate(panels):
+        y0, x0 = (p // panels_per_row) * ph + title_px, (p % panels_per_row) * pw
+        for row, src in enumerate((truth, recon)):
+            for c in range(min(cols, len(src))):
+                y, x = y0 + row * (h + 1), x0 + c * (w + 1)
+                canvas[y:y + h, x:x + w] = np.clip(_gray(src[c]), 0, 1)
+    scale = max(0.12, 0.5 / w * 8) / 8
+    fig = plt.figure(figsize=(max(3.0, canvas.shape[1] * scale * 8 / 6), max(1.5, canvas.shape[0] * scale * 8 / 6)))
+    ax = fig.add_axes([0, 0, 1, 1])
+    cmap = matplotlib.colormaps["gray"].copy()
+    cmap.set_bad("white")
+    ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+    for p, (title, _, _) in enumerate(panels):
+        ax.text((p % panels_per_row) * pw, (p // panels_per_row) * ph + title_px * 0.8, title, fontsize=8,
+                va="bottom", ha="left")
+    ax.axis("off")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -182,6 +193,8 @@ def run_tapped(scenario, dataset=None, parts: list[torch.Tensor] | None = None):
         dataset = load_dataset(scenario.data, seed)
     if parts is None:
         parts = partition(dataset.train_y, scenario.data, seed)
+    if tags is None:
+        tags = {"method": scenario.algorithm_name, "model": scenario.model.kind, "dataset": scenario.data.dataset}
     threads = torch.get_num_threads()
     torch.set_num_threads(scenario.run.threads)
     loop = new_loop(scenario.run.clock)
@@ -206,13 +219,25 @@ def run_tapped(scenario, dataset=None, parts: list[torch.Tensor] | None = None):
     return summarise(sim, 0.0).summary, tap, dataset, parts
 
 
-def eavesdrop(scenario, tap: WireTap, dataset, parts, tags: dict[str, Any] | None = None) -> Report:
-    """Decode what ``tap`` heard, run the attacks, score them."""
+def eavesdrop(scenario, tap: WireTap, dataset=None, parts=None, tags: dict[str, Any] | None = None) -> Report:
+    """Decode what ``tap`` heard, run the attacks, score them. ``dataset`` and ``parts``
+    (the referee's copy, for the true images) are rebuilt from the scenario when not given."""
+    from .data import load_dataset
+
     cfg = scenario.eavesdropper or EavesdropperConfig()
+    if dataset is None:
+        dataset = load_dataset(scenario.data, scenario.run.seed)
     decoder = make_decoder(scenario, dataset.input_shape, dataset.num_classes)
     targets = decoder.targets(tap.messages())
     truth, labels = client_truth(scenario, cfg.client, dataset, parts)
-    report = attack(targets, truth, labels, cfg, tags)
+    if tags is None:
+        tags = {"method": scenario.algorithm_name, "model": scenario.model.kind, "dataset": scenario.data.dataset}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(scenario.run.threads)  # small double-backward graphs: one thread is fastest
+    try:
+        report = attack(targets, truth, labels, cfg, tags)
+    finally:
+        torch.set_num_threads(threads)
     report.counters = {**tap.counters, **decoder.counters, "targets": len(targets)}
     return report
 
