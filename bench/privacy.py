@@ -110,19 +110,52 @@ def one_setting(dataset, ds_name: str, model: str, algorithm: dict, batch: int, 
     return rows
 
 
-def fmt(v: float, digits: int) -> str:
-    return f"{v:.{digits}f}"
+def run_task(task: tuple, methods: list[str], batches: list[int], attacks: dict, started: float
+             ) -> tuple[list[dict], dict[str, list], list[str]]:
+    """One (data set, model) block of the grid, or the ablations: (rows, grid panels, skipped)."""
+    torch.set_num_threads(1)
+    kind, ds_name, model = task
+    rows: list[dict] = []
+    grids: dict[str, list] = collections.defaultdict(list)
+    try:
+        dataset = load_dataset(DataConfig(dataset=ds_name), SEED)
+    except DataError as exc:
+        print(f"skipping {ds_name}: {exc}", file=sys.stderr)
+        return rows, grids, [f"{ds_name}: {exc}"]
+    # The referee's test set is irrelevant to the attack: evaluate on a sliver, fast.
+    dataset.test_x, dataset.test_y = dataset.test_x[:64], dataset.test_y[:64]
+    images = truth_indices(dataset, IMAGES, SEED)
+    if kind == "ablations":
+        return ablations(dataset, images, attacks, started), grids, []
+    for method in methods:
+        for batch in batches:
+            t0 = time.time()
+            tag = {"method": method, "model": model, "dataset": ds_name, "setting": "main"}
+            got = one_setting(dataset, ds_name, model, method_settings(method, batch, model), batch, attacks,
+                              images, tag)
+            recons = tag.pop("_recons", [])
+            rows += got
+            if batch == 4:
+                first = next((rc for rc in recons if rc.attack == "ig"), None)
+                if first is not None:
+                    grids[f"{ds_name}-{model}"].append((method, first.truth, first.images))
+            mean = {a: np.mean([r["ssim"] for r in got if r["attack"] == a]) for a in attacks["attacks"]}
+            print(f"{ds_name:13s} {model:3s} {method:8s} B={batch}  " +
+                  "  ".join(f"{ATTACK_NAMES[a]} {mean[a]:.3f}" for a in attacks["attacks"]) +
+                  f"   ({time.time() - t0:.0f}s, total {time.time() - started:.0f}s)", file=sys.stderr, flush=True)
+    return rows, grids, []
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="docs/privacy", help="directory for privacy.csv, privacy.png, privacy.md")
+    ap.add_argument("--out", default="docs/privacy", help="directory for privacy.csv, privacy-*.png, privacy.md")
     ap.add_argument("--datasets", default="digits,fashion-mnist")
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--iters", type=int, default=40, help="L-BFGS iterations of DLG and iDLG")
     ap.add_argument("--ig-iters", type=int, default=200, help="Adam steps of inverting gradients")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes, one (data set, model) block each")
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny iteration counts (a smoke run)")
     ap.add_argument("--grids-only", action="store_true",
@@ -136,40 +169,26 @@ def main() -> None:
                "attacks": ["ig"] if args.grids_only else list(ATTACK_NAMES)}
     if args.grids_only:
         args.batches, args.no_ablations = "4", True
+    methods, batches = args.methods.split(","), [int(b) for b in args.batches.split(",")]
+    datasets, models = args.datasets.split(","), args.models.split(",")
+    # largest blocks first, so that parallel workers finish together
+    tasks = [("main", d, m) for d in reversed(datasets) for m in reversed(models)]
+    if "digits" in datasets and "mlp" in models and not args.no_ablations:
+        tasks.append(("ablations", "digits", "mlp"))
     started = time.time()
     rows: list[dict] = []
-    grids: dict[str, list] = collections.defaultdict(list)
-    skipped = []
-    for ds_name in args.datasets.split(","):
-        try:
-            dataset = load_dataset(DataConfig(dataset=ds_name), SEED)
-        except DataError as exc:
-            skipped.append(f"{ds_name}: {exc}")
-            print(f"skipping {ds_name}: {exc}", file=sys.stderr)
-            continue
-        # The referee's test set is irrelevant to the attack: evaluate on a sliver, fast.
-        dataset.test_x, dataset.test_y = dataset.test_x[:64], dataset.test_y[:64]
-        images = truth_indices(dataset, IMAGES, SEED)
-        for model in args.models.split(","):
-            for method in args.methods.split(","):
-                for batch in (int(b) for b in args.batches.split(",")):
-                    t0 = time.time()
-                    tag = {"method": method, "model": model, "dataset": ds_name, "setting": "main"}
-                    got = one_setting(dataset, ds_name, model, method_settings(method, batch, model), batch, attacks,
-                                      images, tag)
-                    recons = tag.pop("_recons", [])
-                    rows += got
-                    if batch == 4:
-                        for rc in recons:
-                            if rc.attack == "ig":
-                                grids[f"{ds_name}-{model}"].append((f"{method}", rc.truth, rc.images))
-                                break
-                    mean = {a: np.mean([r["ssim"] for r in got if r["attack"] == a]) for a in attacks["attacks"]}
-                    print(f"{ds_name:13s} {model:3s} {method:8s} B={batch}  " +
-                          "  ".join(f"{ATTACK_NAMES[a]} {mean[a]:.3f}" for a in attacks["attacks"]) +
-                          f"   ({time.time() - t0:.0f}s, total {time.time() - started:.0f}s)", file=sys.stderr, flush=True)
-        if ds_name == "digits" and not args.no_ablations and "mlp" in args.models.split(","):
-            rows += ablations(dataset, images, attacks, started)
+    grids: dict[str, list] = {}
+    skipped: list[str] = []
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            results = list(pool.map(run_task, tasks, *([x] * len(tasks) for x in (methods, batches, attacks, started))))
+    else:
+        results = [run_task(t, methods, batches, attacks, started) for t in tasks]
+    for got, g, sk in results:
+        rows += got
+        grids.update(g)
+        skipped += [s for s in sk if s not in skipped]
     for key, panels in grids.items():
         write_grid(panels, out / f"privacy-{key}.png", per_panel=4)
     if args.grids_only:
@@ -230,7 +249,7 @@ def table(rows: list[dict], skipped: list[str]) -> str:
     combos = sorted({(r["dataset"], r["model"]) for r in rows if r["setting"] == "main"},
                     key=lambda t: (t[0] != "digits", t[1] != "mlp"))
     batches = sorted({r["batch"] for r in rows if r["setting"] == "main"})
-    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods = [m for m in METHODS if any(r["method"] == m and r["setting"] == "main" for r in rows)]
     head = "| method | " + " | ".join(f"B={b} {ATTACK_NAMES[a]}" for b in batches for a in ATTACK_NAMES) + " |"
     for ds, model in combos:
         lines += ["", f"**{ds}, {model}** (SSIM / PSNR dB, mean over {IMAGES} images)", "", head,

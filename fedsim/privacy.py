@@ -153,8 +153,7 @@ def write_grid(panels: list[tuple[str, torch.Tensor, torch.Tensor]], path: Path,
     scale = max(0.12, 0.5 / w * 8) / 8
     fig = plt.figure(figsize=(max(3.0, canvas.shape[1] * scale * 8 / 6), max(1.5, canvas.shape[0] * scale * 8 / 6)))
     ax = fig.add_axes([0, 0, 1, 1])
-    cmap = matplotlib.colormaps["gray"].copy()
-    cmap.set_bad("white")
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad="white")
     ax.imshow(np.ma.masked_invalid(canvas), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     for p, (title, _, _) in enumerate(panels):
         ax.text((p % panels_per_row) * pw, (p // panels_per_row) * ph + title_px * 0.8, title, fontsize=8,
@@ -193,8 +192,6 @@ def run_tapped(scenario, dataset=None, parts: list[torch.Tensor] | None = None):
         dataset = load_dataset(scenario.data, seed)
     if parts is None:
         parts = partition(dataset.train_y, scenario.data, seed)
-    if tags is None:
-        tags = {"method": scenario.algorithm_name, "model": scenario.model.kind, "dataset": scenario.data.dataset}
     threads = torch.get_num_threads()
     torch.set_num_threads(scenario.run.threads)
     loop = new_loop(scenario.run.clock)
