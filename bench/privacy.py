@@ -160,11 +160,18 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny iteration counts (a smoke run)")
     ap.add_argument("--grids-only", action="store_true",
                     help="only redraw the PNG grids (B = 4, inverting gradients); csv and tables untouched")
+    ap.add_argument("--merge", nargs="+", metavar="CSV",
+                    help="no runs: merge privacy.csv files (a later file replaces the settings it holds) "
+                         "and write the table from them")
     ap.add_argument("--write-readme", action="store_true", help=f"replace README.md between {START} and {END}")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        rows = merge_csvs([Path(p) for p in args.merge])
+        finish(rows, [], out, args.write_readme, None)
+        return
     attacks = {"iters": 5 if args.quick else args.iters, "ig_iters": 10 if args.quick else args.ig_iters,
                "attacks": ["ig"] if args.grids_only else list(ATTACK_NAMES)}
     if args.grids_only:
@@ -193,12 +200,36 @@ def main() -> None:
         write_grid(panels, out / f"privacy-{key}.png", per_panel=4)
     if args.grids_only:
         return
+    finish(rows, skipped, out, args.write_readme, started)
+
+
+def merge_csvs(paths: list[Path]) -> list[dict]:
+    """Rows of several privacy.csv files; a later file's (setting, data set, model, method,
+    batch) groups replace the earlier ones'."""
+    import csv
+
+    merged: dict[tuple, list[dict]] = {}
+    for path in paths:
+        groups: dict[tuple, list[dict]] = collections.defaultdict(list)
+        with open(path) as fh:
+            for row in csv.DictReader(fh):
+                for key in ("batch", "round", "image", "matched_from"):
+                    row[key] = int(row[key])
+                for key in ("ssim", "psnr", "labels_ok"):
+                    row[key] = float(row[key])
+                groups[(row["setting"], row["dataset"], row["model"], row["method"], row["batch"])].append(row)
+        merged.update(groups)
+    return [row for group in merged.values() for row in group]
+
+
+def finish(rows: list[dict], skipped: list[str], out: Path, write_readme: bool, started: float | None) -> None:
     write_csv([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], out / "privacy.csv")
     md = table(rows, skipped)
     (out / "privacy.md").write_text(md + "\n")
     print(md)
-    print(f"total {time.time() - started:.0f}s", file=sys.stderr)
-    if args.write_readme:
+    if started is not None:
+        print(f"total {time.time() - started:.0f}s", file=sys.stderr)
+    if write_readme:
         text = README.read_text()
         pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
         if not pattern.search(text):

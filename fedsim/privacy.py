@@ -18,10 +18,17 @@ in ``privacy.csv``, and optimistic for the attacker.
 Outputs: ``privacy.csv`` (one row per reconstructed image) and ``privacy.png`` (per method
 and attack, true images above, reconstructions below).
 
-LQ-SGD's claim under test (Li et al. 2025, "LQ-SGD: low-rank quantized SGD for trustworthy
-communication-efficient federated learning"): its reconstructions under DLG-style attacks have
-lower SSIM than SGD's and PowerSGD's. The paper's text was not available to this project;
-the claim is taken as the issue states it.
+LQ-SGD's claim under test: Li, Bai, Wu, Chadli, Mammar & Bouvry, "Trustworthy Efficient
+Communication for Distributed Learning using LQ-SGD Algorithm", arXiv:2506.17974 (2025):
+"LQ-SGD and other compression-based methods show stronger resistance to gradient inversion
+than traditional SGD" (the abstract; the issue states it as lower SSIM than SGD and PowerSGD).
+Only the abstract was read here, not the paper's attack settings; the study
+(``bench/privacy.py``) measures the claim in this project's own setting.
+
+Departures from the usual evaluation: the attacker works from the wire (so a method's
+encoding, its mirrored state and its error feedback all count), the batch's images are
+matched to reconstructions by SSIM (the papers order them by label or report the best
+image), and one restart per attack.
 """
 from __future__ import annotations
 
