@@ -155,6 +155,10 @@ class Node:
         self._seen: dict[tuple, _RecentIds] = collections.defaultdict(_RecentIds)
         self._corrupt_rng = np.random.default_rng([seed, 0xC0])
         self._decode_cache = codec.DecodeCache()
+        self.tap: Callable[[str, int, list], None] | None = None
+        """Server side: a passive wire tap (``fedsim.eavesdrop.WireTap``), handed
+        ``(direction, client, frames)`` for each copy the network model delivers on a client's
+        link, after its loss, duplication and corruption: bytes only."""
 
     def _now(self) -> float:
         return self.transport.loop.time() if self.transport.loop is not None else 0.0
@@ -188,13 +192,20 @@ class Node:
                 self._transmit(peer, frames, msg)
             else:
                 self.emulator.transfer("down", msg.dst, nbytes,
-                                       lambda corrupt, f=frames: self._transmit(peer, self._maybe_corrupt(f, corrupt), msg))
+                                       lambda corrupt, f=frames: self._transmit(peer, self._on_wire("down", msg.dst, f, corrupt), msg))
         else:
             self.transport.send(frames)
         return nbytes
 
     def _maybe_corrupt(self, frames: list[bytes], corrupt: bool) -> list[bytes]:
         return codec.corrupt(frames, self._corrupt_rng) if corrupt else frames
+
+    def _on_wire(self, direction: str, client: int, frames: list, corrupt: bool) -> list:
+        """The frames as the link delivers them; the tap, if any, gets a look at them."""
+        frames = self._maybe_corrupt(frames, corrupt)
+        if self.tap is not None:
+            self.tap(direction, client, frames)
+        return frames
 
     def _transmit(self, peer: bytes, frames: list[bytes], msg: Message) -> None:
         try:
@@ -286,9 +297,9 @@ class Node:
         self.stats.uplink_payload_bits += max(0, head["bits"])
         self.stats.messages_up += 1
         if not self.emulate:
-            return self._deliver(peer, frames, head, nbytes)
+            return self._deliver(peer, self._on_wire("up", src, frames, False), head, nbytes)
         self.emulator.transfer("up", src, nbytes, lambda corrupt: self._deliver(
-            peer, self._maybe_corrupt(frames, corrupt), None if corrupt else head, nbytes))
+            peer, self._on_wire("up", src, frames, corrupt), None if corrupt else head, nbytes))
 
     def _deliver(self, peer: bytes, frames: list, head: dict | None, nbytes: int | None = None) -> None:
         try:

@@ -447,7 +447,11 @@ def build(scenario: Scenario, loop: asyncio.AbstractEventLoop) -> Simulation:
     parts = partition(dataset.train_y, scenario.data, seed)
     model = build_model(scenario.model, dataset.input_shape, dataset.num_classes, seed)
     algorithm = make_algorithm(scenario, model)
-    return Simulation(scenario, loop, dataset, parts, model, algorithm)
+    sim = Simulation(scenario, loop, dataset, parts, model, algorithm)
+    if scenario.eavesdropper is not None:  # a passive tap on one client's link (fedsim.eavesdrop)
+        from .eavesdrop import WireTap
+        sim.tap = sim.server_node.tap = WireTap(scenario.eavesdropper)
+    return sim
 
 
 def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progress | None = None) -> RunResult:
@@ -480,6 +484,9 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
     result.summary["restarts"] = sim.server.restarts
     if out_dir is not None:
         result.write(Path(out_dir))
+        if getattr(sim, "tap", None) is not None:  # the eavesdropper's attacks: privacy.csv, privacy.png
+            from .privacy import eavesdrop, write_report
+            write_report(eavesdrop(scenario, sim.tap), Path(out_dir))
     return result
 
 

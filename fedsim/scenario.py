@@ -23,11 +23,13 @@ from network.errors import NetworkConfigError
 from network.units import parse_duration
 
 from .data import DataConfig
+from .eavesdrop import EavesdropperConfig, parse_eavesdropper
 from .errors import ScenarioError
 from .models import ModelConfig
 
 NETWORK_SECTIONS = ("network", "stragglers", "availability", "events")
 RUNTIME_SECTIONS = ("run", "data", "model", "algorithm")
+OPTIONAL_SECTIONS = ("eavesdropper",)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCENARIO_DIR = REPO_ROOT / "scenarios"
 
@@ -96,6 +98,8 @@ class Scenario:
     network: NetworkConfig
     raw: dict[str, Any] = field(repr=False)
     source: str = "<default>"
+    eavesdropper: EavesdropperConfig | None = None
+    """``[eavesdropper]``: a passive tap on one client's link (``fedsim.eavesdrop``)."""
     notes: list[str] = field(default_factory=list)
     """One-line hints about settings that are valid but probably not what the user wants."""
 
@@ -217,8 +221,9 @@ def load_scenario(path: str | Path | None = None,
 
 def from_dict(raw: dict[str, Any], *, text: str | None = None, source: str = "<dict>", base_dir: Path = SCENARIO_DIR) -> Scenario:
     for section in raw:
-        if section not in RUNTIME_SECTIONS + NETWORK_SECTIONS:
-            raise ScenarioError(section, raw[section], f"unknown section (known: {', '.join(RUNTIME_SECTIONS + NETWORK_SECTIONS)})",
+        if section not in RUNTIME_SECTIONS + NETWORK_SECTIONS + OPTIONAL_SECTIONS:
+            known = RUNTIME_SECTIONS + NETWORK_SECTIONS + OPTIONAL_SECTIONS
+            raise ScenarioError(section, raw[section], f"unknown section (known: {', '.join(known)})",
                                 _section_line(text, section), source)
     run = _build(RunConfig, "run", raw.get("run", {}), text, source)
     data = _build(DataConfig, "data", raw.get("data", {}), text, source)
@@ -233,7 +238,12 @@ def from_dict(raw: dict[str, Any], *, text: str | None = None, source: str = "<d
         line = (_line_of(text, ".".join(parts[:-1]), parts[-1]) or _line_of(text, parts[0], parts[-1])
                 if len(parts) > 1 else None)
         raise ScenarioError(exc.key, exc.value, exc.reason, line, source) from None
-    scenario = Scenario(run, data, model, name, algo, network, raw, source)
+    try:
+        eavesdropper = parse_eavesdropper(raw["eavesdropper"], data.clients) if "eavesdropper" in raw else None
+    except ScenarioError as exc:
+        raise ScenarioError(exc.key, exc.value, exc.reason, _line_of(text, "eavesdropper", exc.key.split(".")[-1]),
+                            source) from None
+    scenario = Scenario(run, data, model, name, algo, network, raw, source, eavesdropper)
     scenario.notes = notes_for(scenario)
     return scenario
 
