@@ -9,7 +9,11 @@ once). Bytes are counted as the sender puts them on its link, before the model d
 their fate.
 
 Nothing a peer sends can kill a node: every frame is validated (``codec``), and a bad
-message is rejected with a reason that is logged and counted.
+message is rejected with a reason that is counted and logged (rate-limited per peer and
+reason, :mod:`fedsim.guard`). Rejections before the network model (a message no
+legitimate node sends) count against the peer's budget in the transport's guard, which
+bans a peer that exceeds it. The server's node keeps ``Stats.inbound``: every message its
+socket received ends in exactly one named outcome (see :meth:`Node.finish`).
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from network.transport import Transport, UnknownPeer
+from network.transport import BANNED, Transport, UnknownPeer
 
 from . import codec
 from .codec import SERVER, CodecError, Limits, Message
+from .guard import RejectLog, peer_label
 
 NODE = -2
 """Sender id of node-level control messages (registration)."""
@@ -47,9 +52,24 @@ class Stats:
     messages_up: int = 0
     messages_down: int = 0
     counters: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    inbound: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    """The server node's fate of every message its socket received: ``received`` (plus
+    ``network_copies``, the extra copies the network model's duplication made) equals
+    ``accepted`` plus every other key (a named rejection or discard). See
+    :func:`inbound_balance`."""
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
+
+
+INBOUND_SOURCES = ("received", "network_copies")
+
+
+def inbound_balance(inbound: dict[str, int]) -> tuple[int, int]:
+    """(messages in: received + network copies, outcomes: accepted + every reason)."""
+    came = sum(inbound.get(k, 0) for k in INBOUND_SOURCES)
+    went = sum(v for k, v in inbound.items() if k not in INBOUND_SOURCES)
+    return came, went
 
 
 class _RecentIds:
@@ -105,6 +125,13 @@ class Node:
         self._seen: dict[int, _RecentIds] = collections.defaultdict(_RecentIds)
         self._corrupt_rng = np.random.default_rng([seed, 0xC0])
         self._decode_cache = codec.DecodeCache()
+        self._server = emulator is not None
+        self._inbound = stats.inbound
+        self._in_network = 0
+        """Uploads handed to the network model and neither delivered nor dropped yet."""
+        loop_time = (lambda: transport.loop.time() if transport.loop is not None else 0.0)
+        self._rejects = RejectLog(log, loop_time)
+        transport.on_discard = self._on_discard
 
     # --- sending -----------------------------------------------------------------
     def _stamp(self, msg: Message) -> Message:
@@ -166,34 +193,69 @@ class Node:
     # --- receiving ---------------------------------------------------------------
     def on_message(self, peer: bytes, frames: list) -> None:
         """Transport callback. Never raises for a peer's bytes."""
+        if self._server:
+            self._inbound["received"] += 1
         try:
             head = codec.peek_route(frames[0], self.limits) if frames else None
             if head is None:
                 raise CodecError("empty", "no frames")
         except CodecError as exc:
-            return self._reject(peer, exc.reason, str(exc))
+            return self._reject(peer, exc.reason, str(exc), before_network=True)
         if self.emulator is not None:  # the server's node
             src = head["src"]
             if head["k"] == HELLO and src == NODE:
                 return self._on_hello(peer, frames, head)
             if self.routes.get(src) != peer:
-                return self._reject(peer, "unknown_sender", f"sender {src} is not a client registered by this peer")
+                return self._reject(peer, "unknown_sender", f"sender {src} is not a client registered by this peer",
+                                    before_network=True)
             if head["dst"] != SERVER:
-                return self._reject(peer, "bad_destination", f"client {src} addressed actor {head['dst']}")
+                return self._reject(peer, "bad_destination", f"client {src} addressed actor {head['dst']}",
+                                    before_network=True)
             nbytes = codec.wire_size(frames)
             self.stats.uplink_bytes += nbytes
             self.stats.uplink_payload_bits += max(0, head["bits"])
             self.stats.messages_up += 1
-            self.emulator.transfer("up", src, nbytes, lambda corrupt: self._deliver(
-                peer, self._maybe_corrupt(frames, corrupt), None if corrupt else head, nbytes))
+            self._in_network += 1
+            copies = [0]
+
+            def deliver(corrupt: bool) -> None:
+                copies[0] += 1
+                if copies[0] == 1:
+                    self._in_network -= 1
+                else:
+                    self._inbound["network_copies"] += 1
+                self._deliver(peer, self._maybe_corrupt(frames, corrupt), None if corrupt else head, nbytes,
+                              modelled_corruption=corrupt)
+
+            self.emulator.transfer("up", src, nbytes, deliver, self._dropped_in_network)
         else:
             self._deliver(peer, frames, head)
 
-    def _deliver(self, peer: bytes, frames: list, head: dict | None, nbytes: int | None = None) -> None:
+    def _dropped_in_network(self, reason: str) -> None:
+        """The network model lost an upload (loss, crash, partition, queue overflow ...)."""
+        self._in_network -= 1
+        self._inbound[f"network_{reason}"] += 1
+
+    def _on_discard(self, peer: bytes, reason: str, nbytes: int) -> None:
+        """The transport dropped a message unparsed (oversized, or from a banned peer)."""
+        if self._server:
+            self._inbound["received"] += 1
+        self._reject(peer, reason, f"{nbytes} bytes", before_network=reason != BANNED)
+
+    def finish(self) -> None:
+        """End of the run (server side): what the network model still holds is counted
+        as ``in_network_at_end``, and suppressed rejections are summarised in the log."""
+        if self._server and self._in_network:
+            self._inbound["in_network_at_end"] += self._in_network
+            self._in_network = 0
+        self._rejects.flush()
+
+    def _deliver(self, peer: bytes, frames: list, head: dict | None, nbytes: int | None = None, *,
+                 modelled_corruption: bool = False) -> None:
         try:
             msg = codec.decode(frames, self.limits, head, nbytes, self._decode_cache)
         except CodecError as exc:
-            return self._reject(peer, exc.reason, str(exc))
+            return self._reject(peer, exc.reason, str(exc), modelled=modelled_corruption)
         if msg.dst == NODE and msg.kind == DONE and self.emulator is None:
             self.done.set()
             return
@@ -202,6 +264,8 @@ class Node:
             return self._reject(peer, "unknown_destination", f"no actor {msg.dst} on this node")
         if not self._seen[msg.src].add(msg.msg_id):
             self.stats.count("duplicate")
+            if self._server:
+                self._inbound["duplicate"] += 1
             self.log("duplicate", src=msg.src, dst=msg.dst, kind=msg.kind, id=msg.msg_id)
             return
         self.log("deliver", src=msg.src, dst=msg.dst, kind=msg.kind, round=msg.round)
@@ -210,22 +274,41 @@ class Node:
     def _on_hello(self, peer: bytes, frames: list, head: dict) -> None:
         clients = head["meta"].get("clients")
         if not isinstance(clients, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in clients):
-            return self._reject(peer, "bad_hello", "meta.clients must be a list of ints")
+            return self._reject(peer, "bad_hello", "meta.clients must be a list of ints", before_network=True)
+        if not clients:
+            return self._reject(peer, "bad_hello", "meta.clients is empty", before_network=True)
         limit = self.expected_clients
         bad = [c for c in clients if c < 0 or (limit is not None and c >= limit)]
         if bad:
-            return self._reject(peer, "bad_hello", f"client ids out of range: {bad[:5]}")
+            return self._reject(peer, "bad_hello", f"client ids out of range: {bad[:5]}", before_network=True)
         taken = [c for c in clients if self.routes.get(c, peer) != peer]
         if taken:
             # A restarted node keeps its routing id; another peer may not take over clients.
-            return self._reject(peer, "route_conflict", f"clients {taken[:5]} are hosted by another node")
+            return self._reject(peer, "route_conflict", f"clients {taken[:5]} are hosted by another node",
+                                before_network=True)
         for c in clients:
             self.routes[c] = peer
+        self._inbound["hello"] += 1
         self.log("hello", clients=len(clients))
         if self.registered is not None and limit is not None and len(self.routes) >= limit:
             self.registered.set()
 
-    def _reject(self, peer: bytes, reason: str, detail: str) -> None:
+    def _reject(self, peer: bytes, reason: str, detail: str, *, before_network: bool = False,
+                modelled: bool = False) -> None:
+        """Count, log (rate-limited) and, for a message refused ``before_network``, charge
+        the peer's rejection budget. ``modelled``: the network model corrupted it (a
+        simulated event, always logged in full)."""
         self.stats.count("rejected")
         self.stats.count(f"rejected_{reason}")
-        self.log("reject", reason=reason, detail=detail[:200])
+        if not self._server:
+            # a client node hears only from the server: nothing to rate-limit
+            self.log("reject", reason=reason, detail=detail[:200])
+            return
+        self._inbound[f"rejected_{reason}"] += 1
+        if modelled:
+            self.log("reject", reason=reason, detail=detail[:200])
+        else:
+            self._rejects(peer, reason, detail=detail[:200])
+        if before_network and self.transport.report_rejection(peer):
+            self.stats.count("peers_banned")
+            self.log("peer_banned", peer=peer_label(peer), reason=reason)

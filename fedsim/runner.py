@@ -29,6 +29,7 @@ from .models import build_model, evaluate, work_per_sample
 from .node import Node, Stats
 from .results import EventLog, RoundMetrics, RunResult
 from .errors import ScenarioError
+from .guard import upload_budget
 from .scenario import Scenario
 from .server import ServerRole
 
@@ -57,7 +58,8 @@ class ServerSide:
         self.events, self.stats, self.transport = events, stats, transport
         run = scenario.run
         self.n_clients = scenario.data.clients
-        self.emulator = Emulator(scenario.network, self.n_clients, LoopClock(loop), run.seed, events)
+        self.emulator = Emulator(scenario.network, self.n_clients, LoopClock(loop), run.seed, events,
+                                 max_held_bytes=upload_budget(model))
         self.node = Node(transport, log=events, stats=stats, limits=limits, emulator=self.emulator, seed=run.seed)
         self.node.expected_clients = self.n_clients
         self.role = ServerRole(self.node, algorithm, stats=stats, log=events, max_wait_s=run.max_wait)
@@ -96,6 +98,8 @@ class ServerSide:
                 progress(m, run.rounds)
             if run.stop_at_target and acc is not None and run.target_accuracy is not None and acc >= run.target_accuracy:
                 break
+        self.role.finish()
+        self.node.finish()
         self.node.farewell()
 
 
@@ -228,6 +232,9 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
     sim = None
     try:
         sim = build(scenario, loop)
+        if out_dir is not None:  # the event log streams into its file during the run
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            sim.events.stream_to(Path(out_dir) / "events.jsonl")
         with quiet_gc():
             loop.run_until_complete(sim.main(progress))
     finally:
@@ -277,8 +284,9 @@ def summarise_parts(scenario: Scenario, stats: Stats, metrics: list[RoundMetrics
         "messages_up": stats.messages_up,
         "messages_down": stats.messages_down,
         "counters": dict(sorted(stats.counters.items())),
+        "inbound": dict(sorted(stats.inbound.items())),
         "model_sha256": params_digest(algorithm.model_params()),
         "events_sha256": events.sha256(),
-        "events": len(events.rows),
+        "events": events.total,
     }
     return RunResult(summary, metrics, events, algorithm.model_params())

@@ -19,7 +19,14 @@ class _Gather:
 
 class ServerRole(Actor):
     """Runs an algorithm's server rounds over a node. Replies are validated here, so an
-    algorithm only ever sees well-formed replies of the current round and version."""
+    algorithm only ever sees well-formed replies of the current round and version.
+
+    Every message delivered here ends in one counted outcome (``Stats.inbound``):
+    ``accepted`` into a gather, or refused (``late``, ``unexpected``, ``duplicate_reply``,
+    ``stale_rejected``, ``bad_reply``), or set aside for a later gather of its kind in the
+    same round. Only a reply the server asked this client for is set aside, at most one
+    per (kind, client) (others: ``unasked``), so the set-aside store is bounded by the
+    round's requests; what no gather claims is counted ``unclaimed`` at the round's end."""
 
     def __init__(self, node: Node, algorithm: Algorithm, *, stats: Stats, log: Callable[..., None],
                  max_wait_s: float):
@@ -33,8 +40,9 @@ class ServerRole(Actor):
         self.participants: list[int] = []
         self.round_deadline_s: float | None = None
         self._sent_to: dict[str, set[int]] = {}
-        self._pending: dict[str, list[Message]] = {}
+        self._pending: dict[str, dict[int, Message]] = {}
         self._gather: _Gather | None = None
+        self._inbound = stats.inbound
         node.actors[SERVER] = self
 
     # --- ServerComm ----------------------------------------------------------------
@@ -43,7 +51,7 @@ class ServerRole(Actor):
         self.participants = sorted(participants)
         self.round_deadline_s = deadline_s
         self._sent_to.clear()
-        self._pending.clear()
+        self._drop_pending()
 
     async def broadcast(self, kind: str, payload: Payload | Callable[[int], Payload], *, version: int,
                         to: list[int] | None = None) -> None:
@@ -64,7 +72,7 @@ class ServerRole(Actor):
         loop = asyncio.get_running_loop()
         g = _Gather(kind, expected, version, loop.create_future())
         self._gather = g
-        for msg in self._pending.pop(kind, []):
+        for msg in self._pending.pop(kind, {}).values():
             self._accept(g, msg)
         wait = deadline_s if deadline_s is not None else self.round_deadline_s
         wait = self.max_wait_s if wait is None else min(wait, self.max_wait_s)
@@ -85,6 +93,19 @@ class ServerRole(Actor):
     def count(self, name: str, n: int = 1) -> None:
         self.stats.count(name, n)
 
+    def finish(self) -> None:
+        """End of the run: count what is still set aside."""
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        n = sum(len(v) for v in self._pending.values())
+        self._pending.clear()
+        if n:
+            # counted, not logged: replies of an earlier phase that arrive after its gather
+            # closed are common under loss and delay, and the log stays as it was
+            self.stats.count("unclaimed", n)
+            self._inbound["unclaimed"] += n
+
     def log(self, event: str, **fields: Any) -> None:
         self._log(event, round=self.round, **fields)
 
@@ -93,13 +114,22 @@ class ServerRole(Actor):
         # Synchronous: the server holds no per-message task; replies land in the gather.
         if msg.round != self.round:
             self.stats.count("late")
+            self._inbound["late"] += 1
             self._log("late", src=msg.src, kind=msg.kind, msg_round=msg.round)
             return
         g = self._gather
         if g is not None and g.kind == msg.kind:
             self._accept(g, msg)
+        elif msg.src not in self._sent_to.get(msg.kind, ()):
+            # not asked for in this round: it can never be gathered, so nothing is kept
+            self.stats.count("unasked")
+            self._inbound["unasked"] += 1
         else:
-            self._pending.setdefault(msg.kind, []).append(msg)
+            held = self._pending.setdefault(msg.kind, {})
+            if msg.src in held:
+                self._refuse(msg, "duplicate_reply", f"second {msg.kind!r} reply from client {msg.src} set aside")
+            else:
+                held[msg.src] = msg
 
     def _accept(self, g: _Gather, msg: Message) -> None:
         client = msg.src
@@ -116,6 +146,7 @@ class ServerRole(Actor):
         except Exception as exc:  # a validator tripping over odd bytes must not kill the server
             return self._refuse(msg, "bad_reply", f"validation failed: {type(exc).__name__}: {exc}")
         g.replies[client] = Reply(client, msg.payload, msg.version)
+        self._inbound["accepted"] += 1
         if self._complete(g) and not g.fut.done():
             g.fut.set_result(None)
 
@@ -126,4 +157,5 @@ class ServerRole(Actor):
 
     def _refuse(self, msg: Message, reason: str, detail: str) -> None:
         self.stats.count(reason)
+        self._inbound[reason] += 1
         self._log("reject", src=msg.src, kind=msg.kind, reason=reason, detail=detail[:200])
