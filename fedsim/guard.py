@@ -79,7 +79,7 @@ class RejectLog:
         return len(self._entries)
 
 
-def upload_budget(model: torch.nn.Module, *, factor: int = 8, floor: int = 4 * 1024 * 1024) -> int:
+def upload_budget(model: torch.nn.Module, *, factor: int = 8, floor: int = 1024 * 1024) -> int:
     """Bytes of one client's uploads the server's network model may hold at once:
     ``factor`` times the model's float32 size, at least ``floor``. A method's reply is at
     most about one model's worth, so a legitimate client never comes near it unless its

@@ -58,8 +58,22 @@ class Stats:
     ``accepted`` plus every other key (a named rejection or discard). See
     :func:`inbound_balance`."""
 
+    sources: list[Callable[[], tuple[dict[str, int], dict[str, int]]]] = field(default_factory=list)
+    """Counts kept elsewhere and read when asked (a transport's discards, what the network
+    model still holds): each returns (extra counters, extra inbound)."""
+
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(counters, inbound) as of now, sorted by name, live sources included."""
+        counters, inbound = collections.Counter(self.counters), collections.Counter(self.inbound)
+        for source in self.sources:
+            extra_counters, extra_inbound = source()
+            counters.update(extra_counters)
+            inbound.update(extra_inbound)
+        return ({k: v for k, v in sorted(counters.items()) if v},
+                {k: v for k, v in sorted(inbound.items()) if v})
 
 
 INBOUND_SOURCES = ("received", "network_copies")
@@ -132,6 +146,8 @@ class Node:
         loop_time = (lambda: transport.loop.time() if transport.loop is not None else 0.0)
         self._rejects = RejectLog(log, loop_time)
         transport.on_discard = self._on_discard
+        if self._server:
+            stats.sources.append(self._live_counts)
 
     # --- sending -----------------------------------------------------------------
     def _stamp(self, msg: Message) -> Message:
@@ -237,17 +253,24 @@ class Node:
         self._inbound[f"network_{reason}"] += 1
 
     def _on_discard(self, peer: bytes, reason: str, nbytes: int) -> None:
-        """The transport dropped a message unparsed (oversized, or from a banned peer)."""
+        """The transport dropped a message unparsed (oversized)."""
         if self._server:
             self._inbound["received"] += 1
-        self._reject(peer, reason, f"{nbytes} bytes", before_network=reason != BANNED)
+        self._reject(peer, reason, f"{nbytes} bytes", before_network=True)
+
+    def _live_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Counts read when a summary is made (see ``Stats.sources``): messages the
+        transport discarded from banned peers, and uploads the network model still holds."""
+        banned = self.transport.discarded.get(BANNED, 0)
+        counters = {"rejected": banned, f"rejected_{BANNED}": banned}
+        inbound = {"received": banned, f"rejected_{BANNED}": banned, "in_network_at_end": self._in_network}
+        return counters, inbound
 
     def finish(self) -> None:
-        """End of the run (server side): what the network model still holds is counted
-        as ``in_network_at_end``, and suppressed rejections are summarised in the log."""
-        if self._server and self._in_network:
-            self._inbound["in_network_at_end"] += self._in_network
-            self._in_network = 0
+        """End of the run: summarise suppressed and banned rejections in the log."""
+        banned = self.transport.discarded.get(BANNED, 0)
+        if banned:
+            self.log("reject_summary", peer="*", reason=BANNED, total=banned)
         self._rejects.flush()
 
     def _deliver(self, peer: bytes, frames: list, head: dict | None, nbytes: int | None = None, *,

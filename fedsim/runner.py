@@ -98,7 +98,6 @@ class ServerSide:
                 progress(m, run.rounds)
             if run.stop_at_target and acc is not None and run.target_accuracy is not None and acc >= run.target_accuracy:
                 break
-        self.role.finish()
         self.node.finish()
         self.node.farewell()
 
@@ -262,6 +261,7 @@ def summarise_parts(scenario: Scenario, stats: Stats, metrics: list[RoundMetrics
     evaluated = [m for m in metrics if m.accuracy is not None]
     reached = next((m.sim_time_s for m in evaluated if target is not None and m.accuracy >= target), None)
     last = evaluated[-1] if evaluated else None
+    counters, inbound = stats.snapshot()
     summary = {
         "scenario": scenario.source,
         "algorithm": scenario.algorithm_name,
@@ -283,8 +283,8 @@ def summarise_parts(scenario: Scenario, stats: Stats, metrics: list[RoundMetrics
         "payload_bits": stats.uplink_payload_bits + stats.downlink_payload_bits,
         "messages_up": stats.messages_up,
         "messages_down": stats.messages_down,
-        "counters": dict(sorted(stats.counters.items())),
-        "inbound": dict(sorted(stats.inbound.items())),
+        "counters": counters,
+        "inbound": inbound,
         "model_sha256": params_digest(algorithm.model_params()),
         "events_sha256": events.sha256(),
         "events": events.total,

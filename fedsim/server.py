@@ -43,6 +43,7 @@ class ServerRole(Actor):
         self._pending: dict[str, dict[int, Message]] = {}
         self._gather: _Gather | None = None
         self._inbound = stats.inbound
+        stats.sources.append(self._live_counts)
         node.actors[SERVER] = self
 
     # --- ServerComm ----------------------------------------------------------------
@@ -93,9 +94,11 @@ class ServerRole(Actor):
     def count(self, name: str, n: int = 1) -> None:
         self.stats.count(name, n)
 
-    def finish(self) -> None:
-        """End of the run: count what is still set aside."""
-        self._drop_pending()
+    def _live_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """What is still set aside when a summary is made (``unclaimed``, like a round's
+        leftovers)."""
+        n = sum(len(v) for v in self._pending.values())
+        return {"unclaimed": n}, {"unclaimed": n}
 
     def _drop_pending(self) -> None:
         n = sum(len(v) for v in self._pending.values())

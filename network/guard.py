@@ -36,6 +36,10 @@ class GuardConfig:
             raise ValueError(f"guard.max_peers must be >= 1, got {self.max_peers!r}")
 
 
+DEFAULT = GuardConfig()
+"""What a ROUTER transport built without a guard uses (tests may swap it)."""
+
+
 class PeerGuard:
     """Token buckets of rejections per peer, and the bans they lead to (``until`` times on
     the caller's clock, seconds)."""

@@ -21,8 +21,18 @@ ZeroMQ, and frames are read one at a time with a running total, so a message who
 add up to more than ``max_message_bytes`` is refused at the frame that crosses the cap and
 its remaining frames are discarded unread into Python. A ROUTER may carry a
 :class:`~network.guard.PeerGuard`: peers it bans are discarded at read time (by routing
-id, and under CURVE by public key as well). Every discarded message is reported to
-``on_discard(peer, reason, nbytes)``.
+id, and under CURVE by public key as well). An oversized message is reported to
+``on_discard(peer, reason, nbytes)``; a banned peer's are only counted (``discarded``).
+
+Reading a message costs the node ~7-10 us however quickly it is dropped, so a banned
+peer still taxes the loop; when most of a batch came from banned peers, the next batch
+waits ``ban_pause_s`` (while the banned peer's pipe fills and TCP holds it back), which
+caps the share of the loop a banned flood takes, at the price of that much delay for
+others while it lasts.
+
+A ROUTER's receive high-water mark is low (``rcv_hwm``, per peer): when a peer sends
+faster than the node reads, ZeroMQ stops reading its connection and TCP pushes back on
+the sender, instead of queueing its messages in this process's memory.
 """
 from __future__ import annotations
 
@@ -35,6 +45,7 @@ from typing import Callable, Sequence
 import zmq
 import zmq.backend
 
+from . import guard as _guard
 from .guard import PeerGuard
 
 Frames = Sequence["bytes | memoryview | zmq.Frame"]
@@ -74,27 +85,30 @@ class Transport:
 
     ``max_message_bytes`` caps one message's frames together (and each frame, through
     ``MAXMSGSIZE``); ``batch_messages`` / ``batch_bytes`` bound one read (see the module
-    docstring); ``guard`` (ROUTER only) bans peers whose messages keep being rejected."""
+    docstring); ``guard`` (ROUTER only) bans peers whose messages keep being rejected: by
+    default one with :data:`network.guard.DEFAULT`."""
 
     def __init__(self, *, router: bool, address: str, identity: bytes | None = None,
                  context: zmq.Context | None = None, curve: CurveKeys | None = None,
                  max_message_bytes: int = 256 * 1024 * 1024, hwm: int = 100_000,
                  batch_messages: int = 256, batch_bytes: int = 16 * 1024 * 1024,
-                 guard: PeerGuard | None = None):
+                 guard: PeerGuard | None = None, rcv_hwm: int | None = None, ban_pause_s: float = 0.005):
         if batch_messages < 1 or batch_bytes < 1:
             raise ValueError(f"batch_messages and batch_bytes must be >= 1, got {batch_messages}, {batch_bytes}")
         self.max_message_bytes = int(max_message_bytes)
         self.batch_messages = int(batch_messages)
         self.batch_bytes = int(batch_bytes)
-        self.guard = guard if router else None
+        self.guard = (guard or PeerGuard(_guard.DEFAULT)) if router else None
         self.curve = curve is not None
+        self.ban_pause_s = ban_pause_s
+        self._paused = False
         self.context = context or zmq.Context.instance()
         self.router = router
         self.address = address
         sock = self.context.socket(zmq.ROUTER if router else zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, hwm)
-        sock.setsockopt(zmq.RCVHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, rcv_hwm if rcv_hwm is not None else (1000 if router else hwm))
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if router:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -137,7 +151,10 @@ class Transport:
         self.reads = 0
         """Calls of :meth:`drain` that read at least one message."""
         self.longest_read_s = 0.0
-        """Wall seconds of the longest single :meth:`drain` call (a measure of fairness)."""
+        """Wall seconds of the longest single :meth:`drain` call (a measure of fairness;
+        includes time other threads of the process held the interpreter)."""
+        self.longest_read_cpu_s = 0.0
+        """CPU seconds of this thread in the longest (by CPU) single :meth:`drain` call."""
 
     @property
     def pending(self) -> int:
@@ -238,12 +255,19 @@ class Transport:
                 del self.banned_keys[key]
         return False
 
+    def _resume(self) -> None:
+        self._paused = False
+        self._drain_if_readable()
+
     def drain(self) -> int:
         """Receive one bounded batch of ready messages; returns how many. If more may be
         waiting, the next batch is scheduled with ``call_soon`` (so the loop runs its
-        timers and ready callbacks first)."""
+        timers and ready callbacks first), or after ``ban_pause_s`` when the batch was
+        mostly a banned peer's."""
         self._drain_scheduled = False
-        t0 = time.perf_counter()
+        if self._paused:
+            return 0
+        t0, c0 = time.perf_counter(), time.thread_time()
         n = nbytes = 0
         sock = self.socket
         recv = sock.recv
@@ -254,6 +278,7 @@ class Transport:
         guard = self.guard
         max_n, max_bytes = self.batch_messages, self.batch_bytes
         more_waiting = False
+        banned_before = self.discarded[BANNED]
         while not sock.closed:
             if n >= max_n or nbytes >= max_bytes:
                 more_waiting = True
@@ -283,7 +308,9 @@ class Transport:
             self.received_bytes += total
             peer = first.bytes if router else b""
             if (guard is not None and guard.banned or self.banned_keys) and self._is_banned(peer, first):
-                self._discard(peer, BANNED, total)
+                # counted here only (no callback per message): a banned flood costs a few
+                # microseconds a message; the node takes the count at the end of the run
+                self.discarded[BANNED] += 1
                 continue
             if frames is None:
                 self._discard(peer, OVERSIZED, total)
@@ -294,16 +321,22 @@ class Transport:
             else:
                 on_message(b"", [f.bytes for f in frames])
             self._current = None
-        if more_waiting and self.loop is not None and not self._drain_scheduled:
-            self._drain_scheduled = True
-            self.loop.call_soon(self._drain_if_readable)
+        if more_waiting and self.loop is not None:
+            if 2 * (self.discarded[BANNED] - banned_before) > n and self.ban_pause_s > 0:
+                self._paused = True
+                self.loop.call_later(self.ban_pause_s, self._resume)
+            elif not self._drain_scheduled:
+                self._drain_scheduled = True
+                self.loop.call_soon(self._drain_if_readable)
         if self._backlog:
             self._flush()
         if n:
             self.reads += 1
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.thread_time() - c0
             if dt > self.longest_read_s:
                 self.longest_read_s = dt
+            if dc > self.longest_read_cpu_s:
+                self.longest_read_cpu_s = dc
         return n
 
 
