@@ -32,12 +32,12 @@ KINDS = ("model", "grad", "p", "q", "basis", "augment", "correction", "train", "
 
 def envelope(*, src: int = 0, dst: int = SERVER, round: int = 0, kind: str = "model", version: int = 0,
              msg_id: int = 1, meta: dict | None = None, tensors: list[tuple[str, str, list[int], bytes]] = (),
-             **override) -> list[bytes]:
-    """A well-formed message (CRC right) with the given fields; ``override`` replaces raw
-    envelope fields (any type) after the fact, still with a correct CRC."""
+             raw: dict | None = None) -> list[bytes]:
+    """A well-formed message (CRC right) with the given fields; ``raw`` replaces envelope
+    fields by their wire names (any type) after the fact, still with a correct CRC."""
     head = {"v": 1, "id": msg_id, "src": src, "dst": dst, "r": round, "k": kind, "ver": version, "t": 0.0,
             "bits": 0, "meta": meta or {}, "tn": [[n, d, list(s)] for n, d, s, _ in tensors]}
-    head.update(override)
+    head.update(raw or {})
     env = msgpack.packb(head, use_bin_type=True)
     crc = 0
     frames = [b for *_, b in tensors]
@@ -89,7 +89,7 @@ def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
     elif op == 4:  # an envelope field of the wrong type or value
         field = rng.choice(["v", "id", "src", "dst", "r", "k", "ver", "t", "bits", "meta", "tn"])
         value = rng.choice([None, True, -1, 2**63 - 1, 4.0, "x" * rng.randrange(200), [], {}, [1, [2]], b"\xff"])
-        out = envelope(src=rng.randrange(-3, 30), kind=rng.choice(KINDS), **{field: value})
+        out = envelope(src=rng.randrange(-3, 30), kind=rng.choice(KINDS), raw={field: value})
     elif op == 5:  # a tensor declaration that lies
         shape = rng.choice([[4.0], [True, 4], [-1], [2**40], [1] * 12, [4, "4"], [0], [2, 2]])
         dtype = rng.choice(["float32", "float64", "object", "int4", "bool", ""])

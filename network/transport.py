@@ -164,7 +164,7 @@ class Transport:
     def attach(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[bytes, list], None]) -> None:
         self.loop = loop
         self.on_message = on_message
-        loop.add_reader(self.socket.getsockopt(zmq.FD), self.drain)
+        loop.add_reader(self.socket.getsockopt(zmq.FD), self._on_readable)
         self._schedule_drain()
 
     def close(self) -> None:
@@ -254,6 +254,12 @@ class Transport:
                     return True
                 del self.banned_keys[key]
         return False
+
+    def _on_readable(self) -> None:
+        # A batch already scheduled (or a pause) stands: reading again now would give this
+        # socket two batches in one turn of the loop.
+        if not (self._drain_scheduled or self._paused):
+            self.drain()
 
     def _resume(self) -> None:
         self._paused = False
