@@ -79,10 +79,15 @@ class RejectLog:
         return len(self._entries)
 
 
-def upload_budget(model: torch.nn.Module, *, factor: int = 8, floor: int = 1024 * 1024) -> int:
-    """Bytes of one client's uploads the server's network model may hold at once:
-    ``factor`` times the model's float32 size, at least ``floor``. A method's reply is at
-    most about one model's worth, so a legitimate client never comes near it unless its
-    link is hopelessly overloaded, when a real bottleneck queue would drop too."""
+def upload_budget(model: torch.nn.Module, *, factor: int = 4, floor: int = 256 * 1024) -> int:
+    """Bytes of one client's uploads the server's network model holds at once, at least:
+    ``factor`` times the model's float32 size, and ``floor``. A method's reply is at most
+    about one model's worth, so a legitimate client's replies always fit; the emulator
+    allows more on a fast link (:data:`UPLOAD_QUEUE_S` of its line rate)."""
     n = sum(p.numel() for p in model.parameters())
     return max(floor, factor * 4 * n)
+
+
+UPLOAD_QUEUE_S = 0.25
+"""Seconds of a client's uplink rate the server's network model may hold for it (a
+bottleneck queue sized in time, as routers' buffers are)."""

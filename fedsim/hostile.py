@@ -56,6 +56,11 @@ def flood_messages(mode: str) -> list[list[bytes]]:
             [random.Random(1).randbytes(64)],                                              # garbage
             envelope(src=NODE, kind="_hello", meta={"clients": []}),                      # empty hello
         ]
+    if mode.startswith("big:"):
+        # one message of <frames> frames of <bytes> each (the same buffer, not copied)
+        _, frames, size = mode.split(":")
+        blob = bytes(int(size))
+        return [[*envelope(src=3, kind="model"), *([blob] * int(frames))]]
     if mode.startswith("registered:"):
         _, client, size = mode.split(":")
         n = int(size) // 4
@@ -63,7 +68,7 @@ def flood_messages(mode: str) -> list[list[bytes]]:
         # model up to the client's budget, then refused by the server role
         return [envelope(src=int(client), kind="flood", msg_id=10**9 + i,
                          tensors=[("w", "float32", [n], bytes(4 * n))]) for i in range(4)]
-    raise ValueError(f"unknown flood mode {mode!r} (stranger | registered:<client>:<bytes>)")
+    raise ValueError(f"unknown flood mode {mode!r} (stranger | big:<frames>:<bytes> | registered:<client>:<bytes>)")
 
 
 def _mutate(rng: random.Random, frames: list[bytes]) -> list[bytes]:
@@ -167,12 +172,14 @@ def send_all(sock: zmq.Socket, messages: Iterator[list[bytes]], count: int, seco
             "per_s": round(sent / dt, 1) if dt > 0 else None}
 
 
-def registered_flood(sock: zmq.Socket, clients: list[int], count: int, size: int, seconds: float) -> dict:
+def registered_flood(sock: zmq.Socket, clients: list[int], count: int, size: int, seconds: float,
+                     start_round: int = 1) -> dict:
     """Act as a registered node hosting ``clients``: say hello, answer every request with a
     zero update of the right shape (fedavg/sgd-style: the request's tensors, zeroed, and
     ``samples = 1``), and between answers send ``count`` messages of ``size`` bytes from
-    those clients (a kind no gather asks for) as fast as the socket takes them. Stops at
-    the server's ``_done`` or after ``seconds``."""
+    those clients (a kind no gather asks for) as fast as the socket takes them, once a
+    request of round ``start_round`` or later has come. Stops at the server's ``_done`` or
+    after ``seconds``."""
     msg_id = 0
 
     def next_id() -> int:
@@ -203,7 +210,7 @@ def registered_flood(sock: zmq.Socket, clients: list[int], count: int, size: int
             sock.send_multipart(envelope(src=head["dst"], kind=head["k"], round=head["r"], version=head["ver"],
                                          msg_id=next_id(), meta={"samples": 1}, tensors=tensors))
             answered += 1
-        if sent < count:
+        if sent < count and current_round >= start_round:
             for _ in range(min(20, count - sent)):
                 try:
                     sock.send_multipart(envelope(src=clients[sent % len(clients)], kind="flood", round=current_round,
@@ -233,22 +240,29 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def attacker(address: str, mode: str, *args: str) -> "subprocess.Popen":
-    """Start ``python -m fedsim.hostile MODE --connect ADDRESS ARGS`` (its own process)."""
+def _spawn(module: str, *args: str) -> "subprocess.Popen":
     import os
     import subprocess
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.Popen([sys.executable, "-m", "fedsim.hostile", mode, "--connect", address, *args],
+    return subprocess.Popen([sys.executable, "-m", module, *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root)
 
 
+def attacker(address: str, mode: str, *args: str) -> "subprocess.Popen":
+    """Start ``python -m fedsim.hostile MODE --connect ADDRESS ARGS`` (its own process)."""
+    return _spawn("fedsim.hostile", mode, "--connect", address, *args)
+
+
 def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None = None, attack=None,
-             attack_at_round: int = 0, registration_timeout: float = 60.0, sample_s: float = 0.02) -> dict:
+             attack_at_round: int = 0, registration_timeout: float = 60.0, sample_s: float = 0.02,
+             join_processes: bool = False) -> dict:
     """Run ``fedsim serve`` in this process on tcp://127.0.0.1 with ``joins`` (client-id
-    ranges) hosted by ``deploy.join`` in threads; ``attack(address)`` (returning a Popen)
-    is started when round ``attack_at_round`` ends, and reaped at the end. Returns the
+    ranges) hosted by ``deploy.join`` in threads (or ``fedsim join`` processes with
+    ``join_processes``, so that this process's RSS is the server's alone); ``attack(address)`` (returning a Popen)
+    is started when round ``attack_at_round`` ends (None: as soon as the socket is bound,
+    for a peer that must register), and reaped at the end. Returns the
     summary, round times (s), the attack's window and report, the server transport's
     longest single read, and this process's RSS (MB) when the attack started, at its
     peak during the run after that, and at the end."""
@@ -277,6 +291,17 @@ def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None 
 
     def ready(address):
         state["address"] = address
+        if attack is not None and attack_at_round is None:
+            procs.append(attack(address))
+        if join_processes:
+            for ids in joins:
+                args = ["join", "--connect", address, "--clients", ids]
+                for o in overrides:
+                    args += ["--set", o]
+                if keys is not None:
+                    args += ["--keys", str(keys)]
+                procs.insert(0, _spawn("fedsim.cli", *args))
+            return
         for ids in joins:
             lo, _, hi = ids.partition("-")
             client_ids = list(range(int(lo), int(hi or lo) + 1))
@@ -289,10 +314,11 @@ def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None 
 
     def progress(m, total):
         round_ends.append(time.perf_counter())
-        if m.round == attack_at_round and attack is not None:
+        if attack is not None and m.round == (0 if attack_at_round is None else attack_at_round):
             state["rss_start"] = rss_mb()
             state["t_attack"] = time.perf_counter()
-            procs.append(attack(state["address"]))
+            if attack_at_round is not None:
+                procs.append(attack(state["address"]))
 
     watcher = threading.Thread(target=sampler, daemon=True)
     watcher.start()
@@ -304,13 +330,15 @@ def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None 
     finally:
         deploy.Transport = original
         reports = []
+        attackers = procs[len(joins):] if join_processes else procs
         for p in procs:
             try:
                 out, _ = p.communicate(timeout=120)
             except Exception:
                 p.kill()
                 out, _ = p.communicate()
-            reports.append(out)
+            if p in attackers:
+                reports.append(out)
         for t in threads:
             t.join(timeout=60)
         sampling.set()
@@ -357,12 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=200_000)
     ap.add_argument("--seconds", type=float, default=60.0, help="stop sending after this many seconds")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kind", default="stranger", help="flood: stranger | registered:<client>:<bytes>")
+    ap.add_argument("--kind", default="stranger", help="flood: stranger | big:<frames>:<bytes>")
     ap.add_argument("--keys", default=None, help="CURVE key directory (fedsim keys)")
     ap.add_argument("--key-name", default="client-0")
     ap.add_argument("--identity", default=None)
     ap.add_argument("--clients", default="", help="registered: comma-separated client ids to host")
     ap.add_argument("--size", type=int, default=100_000, help="registered: bytes per flood message")
+    ap.add_argument("--start-round", type=int, default=1, help="registered: flood from this round on")
     ap.add_argument("--linger", type=float, default=1.0, help="seconds to keep the socket open after sending")
     a = ap.parse_args(argv)
     if not a.connect.startswith(("tcp://127.0.0.1:", "ipc://", "inproc://")):
@@ -372,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     sock = _socket(context, a.connect, a.keys, a.key_name, a.identity.encode() if a.identity else None)
     try:
         if a.mode == "registered":
-            report = registered_flood(sock, [int(c) for c in a.clients.split(",") if c], a.count, a.size, a.seconds)
+            report = registered_flood(sock, [int(c) for c in a.clients.split(",") if c], a.count, a.size, a.seconds,
+                                      a.start_round)
         else:
             msgs = _cycle(flood_messages(a.kind)) if a.mode == "flood" else fuzz_messages(a.seed, a.count)
             report = send_all(sock, msgs, a.count, a.seconds)

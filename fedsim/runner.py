@@ -29,7 +29,7 @@ from .models import build_model, evaluate, work_per_sample
 from .node import Node, Stats
 from .results import EventLog, RoundMetrics, RunResult
 from .errors import ScenarioError
-from .guard import upload_budget
+from .guard import UPLOAD_QUEUE_S, upload_budget
 from .scenario import Scenario
 from .server import ServerRole
 
@@ -59,7 +59,7 @@ class ServerSide:
         run = scenario.run
         self.n_clients = scenario.data.clients
         self.emulator = Emulator(scenario.network, self.n_clients, LoopClock(loop), run.seed, events,
-                                 max_held_bytes=upload_budget(model))
+                                 max_held_bytes=upload_budget(model), queue_s=UPLOAD_QUEUE_S)
         self.node = Node(transport, log=events, stats=stats, limits=limits, emulator=self.emulator, seed=run.seed)
         self.node.expected_clients = self.n_clients
         self.role = ServerRole(self.node, algorithm, stats=stats, log=events, max_wait_s=run.max_wait)

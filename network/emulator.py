@@ -109,13 +109,14 @@ class Emulator:
     """See the module docstring. ``log(event, **fields)`` receives ``drop``, ``duplicate``
     and ``net_event`` records with JSON-friendly fields.
 
-    ``max_held_bytes``: the most bytes of uploads from one client the emulator holds at
-    once (in flight on the link or waiting for their delivery time); an upload that would
-    exceed it is dropped as ``queue_overflow``, as a real bottleneck queue drops what does
-    not fit. None: unbounded."""
+    Per-client upload budget: the emulator holds at most ``max(max_held_bytes, uplink rate
+    x queue_s)`` bytes of one client's uploads at once (in flight on the link or waiting
+    for their delivery time); an upload that would exceed it is dropped as
+    ``queue_overflow``, as a real bottleneck queue (sized in seconds of its line rate)
+    drops what does not fit. ``max_held_bytes`` None: unbounded."""
 
     def __init__(self, config: NetworkConfig, n_clients: int, clock: Clock, seed: int,
-                 log: Callable[..., None], max_held_bytes: int | None = None):
+                 log: Callable[..., None], max_held_bytes: int | None = None, queue_s: float = 0.0):
         if n_clients != config.n_clients:
             raise ValueError(f"config was parsed for {config.n_clients} clients, emulator built for {n_clients}")
         self.config = config
@@ -151,6 +152,7 @@ class Emulator:
         self._trace_gen: dict[tuple[str, int], int] = {}
         self._batch_pending = False
         self.max_held_bytes = max_held_bytes
+        self.queue_s = queue_s
         self._held: dict[int, int] = {}
         """client -> bytes of its uploads held now (see max_held_bytes)."""
         self.overflows: dict[int, int] = {}
@@ -361,7 +363,7 @@ class Emulator:
             return
         if direction == "up" and self.max_held_bytes is not None:
             held = self._held.get(client, 0) + int(nbytes)
-            if held > self.max_held_bytes:
+            if held > self.max_held_bytes and held > self._queue_bytes(client, now):
                 n = self.overflows[client] = self.overflows.get(client, 0) + 1
                 if n <= 100 or n % 1000 == 0:  # a flooding client costs log rows only sparsely
                     self.log("drop", direction=direction, client=client, nbytes=int(nbytes), reason="queue_overflow",
@@ -456,6 +458,15 @@ class Emulator:
                 self._held.pop(tr.client, None)
         if dropped is not None and tr.on_drop is not None:
             tr.on_drop(dropped)
+
+    def _queue_bytes(self, client: int, now: float) -> float:
+        """Bytes the client's uplink carries in ``queue_s`` seconds at its rate now."""
+        if self.queue_s <= 0:
+            return 0.0
+        bw = self._links["up"][client].bandwidth
+        rate = bw.at(self._sim(now)) if isinstance(bw, Trace) else bw
+        # an unlimited link delivers after its latency alone: only the byte floor applies
+        return rate * self.queue_s / 8.0 if math.isfinite(rate) else 0.0
 
     def held_bytes(self, client: int) -> int:
         """Bytes of ``client``'s uploads the emulator holds now (counted only when
