@@ -62,7 +62,7 @@ def report(label: str, r: dict) -> None:
 
 def case_stranger(count: int) -> None:
     clean = live_run(BASE + ["run.rounds=20"], JOINS, join_processes=True)
-    flood = live_run(BASE + ["run.rounds=60"], JOINS, join_processes=True, attack=lambda a: attacker(
+    flood = live_run(BASE + ["run.rounds=100"], JOINS, join_processes=True, attack=lambda a: attacker(
         a, "flood", "--count", str(count), "--seconds", "60"))
     print(f"=== stranger flood: {count:,} messages during a deadline run")
     print(rounds_line("undisturbed rounds", clean["round_times"]))
@@ -72,10 +72,10 @@ def case_stranger(count: int) -> None:
     print(f"worst round under the flood / undisturbed median: {max(during) / ref:.2f}x  "
           f"(/ undisturbed max: {max(during) / max(clean['round_times']):.2f}x)")
     same = clean["summary"]["model_sha256"] == flood["summary"]["model_sha256"]
-    # the clean run has fewer rounds: compare with a 60-round virtual run instead
+    # the clean run has fewer rounds: compare with a 100-round virtual run instead
     from fedsim.runner import run
     from fedsim.scenario import load_scenario
-    ref_model = run(load_scenario(None, BASE + ["run.rounds=60", "run.clock=virtual"])).summary["model_sha256"]
+    ref_model = run(load_scenario(None, BASE + ["run.rounds=100", "run.clock=virtual"])).summary["model_sha256"]
     print(f"model_sha256 equals the undisturbed (virtual-clock) run's: {flood['summary']['model_sha256'] == ref_model}"
           f"  (clean 20-round live run equals its virtual run: {same or 'n/a'})")
 

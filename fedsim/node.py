@@ -145,6 +145,10 @@ class Node:
         """Uploads handed to the network model and neither delivered nor dropped yet."""
         loop_time = (lambda: transport.loop.time() if transport.loop is not None else 0.0)
         self._rejects = RejectLog(log, loop_time)
+        self.admit: Callable[[dict], str | None] | None = None
+        """Server side, set by the server role: the reason an upload can never be used
+        (asked for by no request, or of a round not begun), judged before the network
+        model holds it; None to model it."""
         transport.on_discard = self._on_discard
         if self._server:
             stats.sources.append(self._live_counts)
@@ -227,6 +231,14 @@ class Node:
             if head["dst"] != SERVER:
                 return self._reject(peer, "bad_destination", f"client {src} addressed actor {head['dst']}",
                                     before_network=True)
+            if self.admit is not None:
+                unusable = self.admit(head)
+                if unusable is not None:
+                    # no legitimate client sends these; modelling them would let a node's
+                    # junk crowd its own clients' links and the server's queues
+                    self.stats.count(unusable)
+                    self._inbound[unusable] += 1
+                    return
             nbytes = codec.wire_size(frames)
             self.stats.uplink_bytes += nbytes
             self.stats.uplink_payload_bits += max(0, head["bits"])

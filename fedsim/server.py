@@ -45,6 +45,7 @@ class ServerRole(Actor):
         self._inbound = stats.inbound
         stats.sources.append(self._live_counts)
         node.actors[SERVER] = self
+        node.admit = self.admit
 
     # --- ServerComm ----------------------------------------------------------------
     def begin_round(self, round: int, participants: list[int], deadline_s: float | None) -> None:
@@ -113,6 +114,19 @@ class ServerRole(Actor):
         self._log(event, round=self.round, **fields)
 
     # --- mail --------------------------------------------------------------------
+    def admit(self, head: dict) -> str | None:
+        """Before the network model: an upload of a round not begun (``future_round``) or
+        of the current round that no request asked this client for (``unasked``) can
+        never be gathered. A legitimate reply always follows its request, so none is
+        refused here; a late one (earlier round) is modelled as before."""
+        r = head["r"]
+        if r > self.round:
+            return "future_round"
+        if r == self.round and head["src"] not in self._sent_to.get(head["k"], ()):
+            return "unasked"
+        return None
+
+
     def deliver(self, msg: Message) -> None:
         # Synchronous: the server holds no per-message task; replies land in the gather.
         if msg.round != self.round:

@@ -92,7 +92,7 @@ class Transport:
                  context: zmq.Context | None = None, curve: CurveKeys | None = None,
                  max_message_bytes: int = 256 * 1024 * 1024, hwm: int = 100_000,
                  batch_messages: int = 256, batch_bytes: int = 16 * 1024 * 1024,
-                 guard: PeerGuard | None = None, rcv_hwm: int | None = None, ban_pause_s: float = 0.02):
+                 guard: PeerGuard | None = None, rcv_hwm: int | None = None, ban_pause_s: float = 0.01):
         if batch_messages < 1 or batch_bytes < 1:
             raise ValueError(f"batch_messages and batch_bytes must be >= 1, got {batch_messages}, {batch_bytes}")
         self.max_message_bytes = int(max_message_bytes)
