@@ -43,6 +43,10 @@ class ServerRole(Actor):
         self._pending: dict[str, dict[int, Message]] = {}
         self._gather: _Gather | None = None
         self._inbound = stats.inbound
+        self._requests: dict[int, int] = {}
+        """client -> requests sent to it so far (this run)."""
+        self._uploads: dict[int, int] = {}
+        """client -> uploads admitted to the network model so far."""
         stats.sources.append(self._live_counts)
         node.actors[SERVER] = self
         node.admit = self.admit
@@ -59,6 +63,9 @@ class ServerRole(Actor):
                         to: list[int] | None = None) -> None:
         targets = sorted(self.participants if to is None else to)
         self._sent_to.setdefault(kind, set()).update(targets)
+        requests = self._requests
+        for client in targets:
+            requests[client] = requests.get(client, 0) + 1
         shared = None if callable(payload) else codec.encode_tensors(payload)
         for client in targets:
             p = payload(client) if callable(payload) else payload
@@ -115,15 +122,21 @@ class ServerRole(Actor):
 
     # --- mail --------------------------------------------------------------------
     def admit(self, head: dict) -> str | None:
-        """Before the network model: an upload of a round not begun (``future_round``) or
-        of the current round that no request asked this client for (``unasked``) can
-        never be gathered. A legitimate reply always follows its request, so none is
-        refused here; a late one (earlier round) is modelled as before."""
-        r = head["r"]
+        """Before the network model: an upload of a round not begun (``future_round``), of
+        the current round that no request asked this client for (``unasked``), or one more
+        than the requests this client was ever sent (``unrequested``) can never be
+        gathered. A legitimate client sends one reply per request it receives, after it, so
+        none of its replies is refused here (late ones are modelled as before); a node
+        flooding as its own clients gets its junk no further than this."""
+        r, src = head["r"], head["src"]
         if r > self.round:
             return "future_round"
-        if r == self.round and head["src"] not in self._sent_to.get(head["k"], ()):
+        if r == self.round and src not in self._sent_to.get(head["k"], ()):
             return "unasked"
+        admitted = self._uploads.get(src, 0)
+        if admitted >= self._requests.get(src, 0):
+            return "unrequested"
+        self._uploads[src] = admitted + 1
         return None
 
 
