@@ -127,10 +127,10 @@ def fuzz_messages(seed: int, count: int) -> Iterator[list[bytes]]:
 
 
 def _socket(context: zmq.Context, connect: str, keys: str | None, key_name: str,
-            identity: bytes | None) -> zmq.Socket:
+            identity: bytes | None, sndhwm: int = 10_000) -> zmq.Socket:
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 10_000)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
     if keys is not None:
@@ -398,7 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         print("fedsim.hostile: --connect must be a local endpoint (tcp://127.0.0.1:PORT or ipc://)", file=sys.stderr)
         return 2
     context = zmq.Context()
-    sock = _socket(context, a.connect, a.keys, a.key_name, a.identity.encode() if a.identity else None)
+    # a registered node keeps its own send queue short, so that its replies are not stuck
+    # behind its own flood (that would be the node's doing, not the server's)
+    sock = _socket(context, a.connect, a.keys, a.key_name, a.identity.encode() if a.identity else None,
+                   sndhwm=50 if a.mode == "registered" else 10_000)
     try:
         if a.mode == "registered":
             report = registered_flood(sock, [int(c) for c in a.clients.split(",") if c], a.count, a.size, a.seconds,

@@ -11,6 +11,10 @@ from .codec import SERVER, Message
 from .node import Actor, Node, Stats
 
 
+ADMIT_WINDOW = 4
+"""Rounds back for which the server remembers which requests are still unanswered."""
+
+
 class _Gather:
     def __init__(self, kind: str, expected: set[int], version: int | None, fut: asyncio.Future):
         self.kind, self.expected, self.version, self.fut = kind, expected, version, fut
@@ -47,6 +51,9 @@ class ServerRole(Actor):
         """client -> requests sent to it so far (this run)."""
         self._uploads: dict[int, int] = {}
         """client -> uploads admitted to the network model so far."""
+        self._open: dict[int, dict[str, dict[int, int]]] = {}
+        """round -> kind -> client -> requests not answered yet, for the last
+        ``ADMIT_WINDOW`` rounds."""
         stats.sources.append(self._live_counts)
         node.actors[SERVER] = self
         node.admit = self.admit
@@ -58,14 +65,18 @@ class ServerRole(Actor):
         self.round_deadline_s = deadline_s
         self._sent_to.clear()
         self._drop_pending()
+        for old in [k for k in self._open if k < round - ADMIT_WINDOW]:
+            del self._open[old]
 
     async def broadcast(self, kind: str, payload: Payload | Callable[[int], Payload], *, version: int,
                         to: list[int] | None = None) -> None:
         targets = sorted(self.participants if to is None else to)
         self._sent_to.setdefault(kind, set()).update(targets)
         requests = self._requests
+        opened = self._open.setdefault(self.round, {}).setdefault(kind, {})
         for client in targets:
             requests[client] = requests.get(client, 0) + 1
+            opened[client] = opened.get(client, 0) + 1
         shared = None if callable(payload) else codec.encode_tensors(payload)
         for client in targets:
             p = payload(client) if callable(payload) else payload
@@ -123,19 +134,24 @@ class ServerRole(Actor):
     # --- mail --------------------------------------------------------------------
     def admit(self, head: dict) -> str | None:
         """Before the network model: an upload of a round not begun (``future_round``), of
-        the current round that no request asked this client for (``unasked``), or one more
-        than the requests this client was ever sent (``unrequested``) can never be
-        gathered. A legitimate client sends one reply per request it receives, after it, so
-        none of its replies is refused here (late ones are modelled as before); a node
-        flooding as its own clients gets its junk no further than this."""
+        a recent round and kind this client was not asked for (``unasked``), or beyond the
+        requests it was sent (``unrequested``: per round and kind for the last
+        ``ADMIT_WINDOW`` rounds, in total before that) can never be used. A legitimate
+        client sends one reply per request it receives, after it, so none of its replies
+        is refused here (late ones are modelled as before); a node flooding as its own
+        clients gets its junk no further, and can displace only its own clients' replies."""
         r, src = head["r"], head["src"]
         if r > self.round:
             return "future_round"
-        if r == self.round and src not in self._sent_to.get(head["k"], ()):
-            return "unasked"
         admitted = self._uploads.get(src, 0)
         if admitted >= self._requests.get(src, 0):
             return "unrequested"
+        if r >= self.round - ADMIT_WINDOW:
+            opened = self._open.get(r, {}).get(head["k"])
+            left = opened.get(src, 0) if opened is not None else 0
+            if left <= 0:
+                return "unrequested" if opened is not None and src in opened else "unasked"
+            opened[src] = left - 1
         self._uploads[src] = admitted + 1
         return None
 

@@ -260,7 +260,7 @@ def test_every_message_received_is_accounted_for_under_faults_and_attack():
     assert came == went, inbound
     assert inbound["received"] == sim.server_transport.received
     assert inbound["accepted"] > 0 and inbound["network_copies"] > 0 and inbound["network_loss"] > 0
-    for reason in ("rejected_unknown_sender", "rejected_bad_hello", "unasked", "late", "rejected_checksum"):
+    for reason in ("rejected_unknown_sender", "rejected_bad_hello", "unasked", "unrequested", "rejected_checksum"):
         assert inbound.get(reason, 0) > 0, (reason, inbound)
     assert result.summary["rounds"] == 6
 
@@ -277,3 +277,43 @@ def test_empty_hello_is_rejected_and_set_aside_messages_are_counted():
     assert sim.server_node.routes.keys() == {0, 1, 2, 3}
     came, went = inbound_balance(result.summary["inbound"])
     assert came == went
+
+
+def test_a_registered_nodes_junk_never_reaches_the_network_model():
+    """A node floods as its own clients (unasked kinds, future rounds, late-looking rounds):
+    nothing is modelled, so round times and the model equal the clean run's exactly."""
+    overrides = ["run.rounds=4", "data.clients=4", "algorithm.name=fedavg", "run.round_deadline=1s"]
+    clean = run(load_scenario(None, overrides))
+
+    def attack(sim, stranger, r):
+        blob = torch.zeros(25_000)  # 100 KB
+        for i in range(300):
+            kind, rnd = [("junk", r), ("model", r + 1), ("model", r - 1), ("model", 0)][i % 4]
+            sim.client_node.send(Message(src=i % 4, dst=SERVER, round=rnd, kind=kind, version=rnd,
+                                         payload=Payload({"w": blob})))
+
+    sim, result = _attacked_run(overrides, attack)
+    # equal but for the microseconds of longer message ids in the replies' envelopes
+    assert [m.round_time_s for m in result.metrics] == pytest.approx([m.round_time_s for m in clean.metrics], rel=1e-4)
+    assert result.summary["model_sha256"] == clean.summary["model_sha256"]
+    inbound = result.summary["inbound"]
+    assert inbound["unasked"] + inbound["future_round"] + inbound["unrequested"] == 300, inbound
+    assert inbound_balance(inbound)[0] == inbound_balance(inbound)[1]
+
+
+def test_many_rejections_cost_counters_not_log_rows(monkeypatch):
+    import network.guard
+    monkeypatch.setattr(network.guard, "DEFAULT", GuardConfig(rate=1e9, burst=1e9))  # every one parsed
+
+    def attack(sim, stranger, r):
+        for frames in flood_messages("stranger") * 5000:
+            stranger.send(frames)
+
+    sim, result = _attacked_run(["run.rounds=3", "data.clients=4"], attack)
+    c = result.summary["counters"]
+    assert c["rejected"] == 20_000
+    rows = list(result.events.rows)
+    assert sum(1 for _, e, _ in rows if e == "reject") == 4 * 100  # first 100 per (peer, reason)
+    summaries = [f for _, e, f in rows if e == "reject_summary"]
+    assert sum(f["suppressed"] for f in summaries) == 20_000 - 400
+    assert result.summary["events"] < 600
