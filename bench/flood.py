@@ -98,7 +98,7 @@ def case_million(count: int) -> None:
 
 
 def case_big(frames: int, size: int) -> None:
-    r = live_run(BASE + ["run.rounds=15"], JOINS, join_processes=True, attack=lambda a: attacker(
+    r = live_run(BASE + ["run.rounds=60"], JOINS, join_processes=True, attack=lambda a: attacker(
         a, "flood", "--kind", f"big:{frames}:{size}", "--count", "1", "--seconds", "60", "--linger", "10"))
     print(f"=== one message of {frames} x {size / 2**20:.0f} MiB frames")
     report("big", r)

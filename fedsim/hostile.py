@@ -154,7 +154,7 @@ def send_all(sock: zmq.Socket, messages: Iterator[list[bytes]], count: int, seco
             break
         while True:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[0]) < 65536)
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=max(map(len, frames)) < 65536)
                 break
             except zmq.Again:
                 if time.perf_counter() > end:

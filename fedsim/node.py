@@ -13,7 +13,7 @@ message is rejected with a reason that is counted and logged (rate-limited per p
 reason, :mod:`fedsim.guard`). Rejections before the network model (a message no
 legitimate node sends) count against the peer's budget in the transport's guard, which
 bans a peer that exceeds it. The server's node keeps ``Stats.inbound``: every message its
-socket received ends in exactly one named outcome (see :meth:`Node.finish`).
+socket received ends in exactly one named outcome (see :func:`inbound_balance`).
 """
 from __future__ import annotations
 

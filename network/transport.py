@@ -91,7 +91,7 @@ class Transport:
     def __init__(self, *, router: bool, address: str, identity: bytes | None = None,
                  context: zmq.Context | None = None, curve: CurveKeys | None = None,
                  max_message_bytes: int = 256 * 1024 * 1024, hwm: int = 100_000,
-                 batch_messages: int = 256, batch_bytes: int = 16 * 1024 * 1024,
+                 batch_messages: int = 64, batch_bytes: int = 8 * 1024 * 1024,
                  guard: PeerGuard | None = None, rcv_hwm: int | None = None, ban_pause_s: float = 0.01):
         if batch_messages < 1 or batch_bytes < 1:
             raise ValueError(f"batch_messages and batch_bytes must be >= 1, got {batch_messages}, {batch_bytes}")
