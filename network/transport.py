@@ -218,7 +218,7 @@ class Transport:
 
     def _drain_if_readable(self) -> None:
         self._drain_scheduled = False
-        if not self.socket.closed and self.socket.get(_EVENTS) & _POLLIN:
+        if not self._paused and not self.socket.closed and self.socket.get(_EVENTS) & _POLLIN:
             self.drain()
 
     def report_rejection(self, peer: bytes) -> bool:
@@ -269,10 +269,10 @@ class Transport:
         """Receive one bounded batch of ready messages; returns how many. If more may be
         waiting, the next batch is scheduled with ``call_soon`` (so the loop runs its
         timers and ready callbacks first), or after ``ban_pause_s`` when the batch was
-        mostly a banned peer's."""
+        mostly a banned peer's. The pause binds the loop's own reads (reader callback and
+        scheduled batches); a direct call (the virtual clock's, which must not stall)
+        reads regardless."""
         self._drain_scheduled = False
-        if self._paused:
-            return 0
         t0, c0 = time.perf_counter(), time.thread_time()
         n = nbytes = 0
         sock = self.socket
@@ -329,8 +329,9 @@ class Transport:
             self._current = None
         if more_waiting and self.loop is not None:
             if 2 * (self.discarded[BANNED] - banned_before) > n and self.ban_pause_s > 0:
-                self._paused = True
-                self.loop.call_later(self.ban_pause_s, self._resume)
+                if not self._paused:
+                    self._paused = True
+                    self.loop.call_later(self.ban_pause_s, self._resume)
             elif not self._drain_scheduled:
                 self._drain_scheduled = True
                 self.loop.call_soon(self._drain_if_readable)

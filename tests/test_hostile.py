@@ -104,6 +104,7 @@ def test_a_banned_peer_is_discarded_at_read_time_and_counted():
             router.drain()
         assert len(got) == 4  # 3 within the burst, the 4th empties the bucket and bans
         assert router.discarded[BANNED] == 96 and router.guard.bans == 1
+        assert router._paused  # the loop's own reads now wait ban_pause_s between batches
     finally:
         router.close(), dealer.close(0), loop.close(), ctx.term()
 
@@ -145,7 +146,7 @@ def test_event_log_streams_with_the_same_digest_and_bounded_memory(tmp_path):
 
 
 def test_run_with_out_streams_events_file_and_digest_matches(tmp_path):
-    s = load_scenario(None, ["run.rounds=2", "data.clients=4"])
+    s = load_scenario(None, ["run.rounds=1", "data.clients=3"])
     a = run(s, out_dir=tmp_path)
     b = run(s)
     data = (tmp_path / "events.jsonl").read_bytes()
