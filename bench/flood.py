@@ -62,8 +62,8 @@ def report(label: str, r: dict) -> None:
 
 def case_stranger(count: int) -> None:
     clean = live_run(BASE + ["run.rounds=20"], JOINS, join_processes=True)
-    flood = live_run(BASE + ["run.rounds=100"], JOINS, join_processes=True, attack=lambda a: attacker(
-        a, "flood", "--count", str(count), "--seconds", "60"))
+    flood = live_run(BASE + ["run.rounds=100"], JOINS, join_processes=True, attack=lambda a, go: attacker(
+        a, "flood", "--count", str(count), "--seconds", "60", go_file=go))
     print(f"=== stranger flood: {count:,} messages during a deadline run")
     print(rounds_line("undisturbed rounds", clean["round_times"]))
     report("flood", flood)
@@ -88,8 +88,8 @@ def case_million(count: int) -> None:
             network.guard.DEFAULT = config
         try:
             t = time.perf_counter()
-            r = live_run(BASE + ["run.rounds=400"], JOINS, join_processes=True, attack=lambda a: attacker(
-                a, "flood", "--count", str(count), "--seconds", "240"))
+            r = live_run(BASE + ["run.rounds=400"], JOINS, join_processes=True, attack=lambda a, go: attacker(
+                a, "flood", "--count", str(count), "--seconds", "240", go_file=go))
         finally:
             network.guard.DEFAULT = saved
         rejected = r["summary"]["counters"].get("rejected", 0)
@@ -98,8 +98,8 @@ def case_million(count: int) -> None:
 
 
 def case_big(frames: int, size: int) -> None:
-    r = live_run(BASE + ["run.rounds=60"], JOINS, join_processes=True, attack=lambda a: attacker(
-        a, "flood", "--kind", f"big:{frames}:{size}", "--count", "1", "--seconds", "60", "--linger", "10"))
+    r = live_run(BASE + ["run.rounds=60"], JOINS, join_processes=True, attack=lambda a, go: attacker(
+        a, "flood", "--kind", f"big:{frames}:{size}", "--count", "1", "--seconds", "60", "--linger", "10", go_file=go))
     print(f"=== one message of {frames} x {size / 2**20:.0f} MiB frames")
     report("big", r)
     print(f"discarded by the transport: {r['discarded']}; RSS peak - start: "
@@ -112,7 +112,7 @@ def case_registered(count: int, size: int) -> None:
     runs = {}
     for label, n in (("registered node, not flooding", 0), ("registered node flooding", count)):
         runs[label] = live_run(overrides, joins, join_processes=True, attack_at_round=None,
-                               attack=lambda a, n=n: attacker(
+                               attack=lambda a, go, n=n: attacker(
                                    a, "registered", "--clients", "10,11", "--count", str(n), "--size", str(size),
                                    "--seconds", "120"), registration_timeout=90)
     print(f"=== registered node: {count:,} x {size / 1e3:.0f} KB as its own clients 10-11")

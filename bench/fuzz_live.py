@@ -46,7 +46,7 @@ def main() -> None:
             if keys is not None:
                 args += ["--keys", str(keys)]
             r = live_run(overrides, ["0-4", "5-9"], keys=keys, join_processes=True,
-                         attack=lambda address: attacker(address, "fuzz", *args))
+                         attack=lambda address, go: attacker(address, "fuzz", *args, go_file=go))
         s = r["summary"]
         att = r["attack"]
         came, went = inbound_balance(s["inbound"])

@@ -250,9 +250,11 @@ def _spawn(module: str, *args: str) -> "subprocess.Popen":
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root)
 
 
-def attacker(address: str, mode: str, *args: str) -> "subprocess.Popen":
-    """Start ``python -m fedsim.hostile MODE --connect ADDRESS ARGS`` (its own process)."""
-    return _spawn("fedsim.hostile", mode, "--connect", address, *args)
+def attacker(address: str, mode: str, *args: str, go_file: str | None = None) -> "subprocess.Popen":
+    """Start ``python -m fedsim.hostile MODE --connect ADDRESS ARGS`` (its own process);
+    with ``go_file`` it starts up at once but sends only once that file exists."""
+    extra = ["--go-file", go_file] if go_file else []
+    return _spawn("fedsim.hostile", mode, "--connect", address, *args, *extra)
 
 
 def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None = None, attack=None,
@@ -261,8 +263,9 @@ def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None 
     """Run ``fedsim serve`` in this process on tcp://127.0.0.1 with ``joins`` (client-id
     ranges) hosted by ``deploy.join`` in threads (or ``fedsim join`` processes with
     ``join_processes``, so that this process's RSS is the server's alone); ``attack(address)`` (returning a Popen)
-    is started when round ``attack_at_round`` ends (None: as soon as the socket is bound,
-    for a peer that must register), and reaped at the end. Returns the
+    is started as soon as the socket is bound (so that its start-up does not compete with
+    the rounds) and sends from when round ``attack_at_round`` ends (None: at once, for a
+    peer that must register), then reaped at the end. ``attack(address, go_file)``. Returns the
     summary, round times (s), the attack's window and report, the server transport's
     longest single read, and this process's RSS (MB) when the attack started, at its
     peak during the run after that, and at the end."""
@@ -291,8 +294,10 @@ def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None 
 
     def ready(address):
         state["address"] = address
-        if attack is not None and attack_at_round is None:
-            procs.append(attack(address))
+        if attack is not None:
+            if attack_at_round is None:
+                Path(go_file).touch()
+            procs.append(attack(address, go_file))
         if join_processes:
             for ids in joins:
                 args = ["join", "--connect", address, "--clients", ids]
@@ -311,14 +316,15 @@ def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None 
             threads.append(t)
 
     round_ends = []
+    import tempfile
+    go_file = str(Path(tempfile.mkdtemp(prefix="fedsim-hostile-")) / "go")
 
     def progress(m, total):
-        round_ends.append(time.perf_counter())
+        round_ends.append(time.time())
         if attack is not None and m.round == (0 if attack_at_round is None else attack_at_round):
             state["rss_start"] = rss_mb()
-            state["t_attack"] = time.perf_counter()
-            if attack_at_round is not None:
-                procs.append(attack(state["address"]))
+            state["t_attack"] = time.time()
+            Path(go_file).touch()
 
     watcher = threading.Thread(target=sampler, daemon=True)
     watcher.start()
@@ -352,6 +358,7 @@ def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None 
     if attack_report is None and reports:
         attack_report = {"output": (reports[0] or "")[-2000:]}
     if state["t_attack"] is not None and attack_report and "seconds" in attack_report:
+        state["t_attack"] = max(state["t_attack"], attack_report.get("started_at", 0.0))
         state["t_attack_end"] = state["t_attack"] + attack_report["seconds"]
     during = []
     if state["t_attack"] is not None:
@@ -392,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", default="", help="registered: comma-separated client ids to host")
     ap.add_argument("--size", type=int, default=100_000, help="registered: bytes per flood message")
     ap.add_argument("--start-round", type=int, default=1, help="registered: flood from this round on")
+    ap.add_argument("--go-file", default=None, help="flood/fuzz: start sending once this file exists")
     ap.add_argument("--linger", type=float, default=1.0, help="seconds to keep the socket open after sending")
     a = ap.parse_args(argv)
     if not a.connect.startswith(("tcp://127.0.0.1:", "ipc://", "inproc://")):
@@ -403,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     sock = _socket(context, a.connect, a.keys, a.key_name, a.identity.encode() if a.identity else None,
                    sndhwm=50 if a.mode == "registered" else 10_000)
     try:
+        if a.go_file and a.mode != "registered":
+            import os
+            give_up = time.time() + a.seconds + 120
+            while not os.path.exists(a.go_file) and time.time() < give_up:
+                time.sleep(0.005)
+        started_at = time.time()
         if a.mode == "registered":
             report = registered_flood(sock, [int(c) for c in a.clients.split(",") if c], a.count, a.size, a.seconds,
                                       a.start_round)
@@ -412,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sock.close(linger=int(a.linger * 1000))
         context.term()
-    print(json.dumps({"mode": a.mode, **report}), flush=True)
+    print(json.dumps({"mode": a.mode, "started_at": started_at, **report}), flush=True)
     return 0
 
 

@@ -94,7 +94,8 @@ def test_a_message_over_the_total_cap_is_refused_frame_by_frame_and_reading_goes
 
 
 def test_a_banned_peer_is_discarded_at_read_time_and_counted():
-    ctx, loop, router, dealer = _pair(guard=PeerGuard(GuardConfig(rate=1.0, burst=3.0, ban_s=60.0)))
+    ctx, loop, router, dealer = _pair(guard=PeerGuard(GuardConfig(rate=1.0, burst=3.0, ban_s=60.0)),
+                                      batch_messages=10)
     got = []
     try:
         router.attach(loop, lambda peer, frames: (got.append(frames), router.report_rejection(peer)))

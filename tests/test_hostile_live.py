@@ -28,8 +28,8 @@ def _virtual_model(overrides):
 def test_flood_from_a_stranger_during_a_deadline_run_changes_nothing():
     overrides = BASE + ["run.round_deadline=2s", "run.rounds=70"]
     start = 8  # rounds 1-7 are the undisturbed reference (round 0 pays for warming up)
-    flood = live_run(overrides, JOINS, attack_at_round=start, attack=lambda address: attacker(
-        address, "flood", "--count", "200000", "--seconds", "30"))
+    flood = live_run(overrides, JOINS, attack_at_round=start, attack=lambda address, go: attacker(
+        address, "flood", "--count", "200000", "--seconds", "30", go_file=go))
     s = flood["summary"]
     assert flood["attack"]["sent"] == 200_000, flood["attack"]
     assert s["inbound"]["received"] >= 200_000 + 2 + 700  # the flood was read while the run went on
@@ -60,7 +60,7 @@ def test_fuzz_a_live_server(tmp_path, curve, monkeypatch):
     args = ["--count", str(n), "--seconds", "30", "--seed", str(int(curve))]
     if curve:
         args += ["--keys", str(keys)]
-    fuzz = live_run(overrides, JOINS, keys=keys, attack=lambda address: attacker(address, "fuzz", *args))
+    fuzz = live_run(overrides, JOINS, keys=keys, attack=lambda address, go: attacker(address, "fuzz", *args, go_file=go))
     s = fuzz["summary"]
     assert fuzz["attack"]["sent"] == n, fuzz["attack"]
     assert s["rounds"] == 25
