@@ -91,3 +91,11 @@ def upload_budget(model: torch.nn.Module, *, factor: int = 4, floor: int = 256 *
 UPLOAD_QUEUE_S = 0.25
 """Seconds of a client's uplink rate the server's network model may hold for it (a
 bottleneck queue sized in time, as routers' buffers are)."""
+
+
+def frame_budget(model: torch.nn.Module, *, factor: int = 8, floor: int = 1024 * 1024) -> int:
+    """Largest frame the server accepts: ``factor`` times the float32 bytes of the model's
+    largest parameter, at least ``floor``. Every tensor a method sends is at most one
+    parameter's worth (a gradient, a delta, a factor), so this refuses nothing legitimate."""
+    largest = max((p.numel() for p in model.parameters()), default=0)
+    return max(floor, factor * 4 * largest)

@@ -13,6 +13,10 @@ from .node import Actor, Node, Stats
 
 ADMIT_WINDOW = 4
 """Rounds back for which the server remembers which requests are still unanswered."""
+ADMIT_PER_REQUEST = 4
+"""Uploads admitted to the network model per request sent: one is the reply; the slack
+lets a malformed upload (rejected only after the model, where checksums are checked)
+never displace the genuine reply that follows it."""
 
 
 class _Gather:
@@ -76,7 +80,7 @@ class ServerRole(Actor):
         opened = self._open.setdefault(self.round, {}).setdefault(kind, {})
         for client in targets:
             requests[client] = requests.get(client, 0) + 1
-            opened[client] = opened.get(client, 0) + 1
+            opened[client] = opened.get(client, 0) + ADMIT_PER_REQUEST
         shared = None if callable(payload) else codec.encode_tensors(payload)
         for client in targets:
             p = payload(client) if callable(payload) else payload
@@ -134,17 +138,18 @@ class ServerRole(Actor):
     # --- mail --------------------------------------------------------------------
     def admit(self, head: dict) -> str | None:
         """Before the network model: an upload of a round not begun (``future_round``), of
-        a recent round and kind this client was not asked for (``unasked``), or beyond the
-        requests it was sent (``unrequested``: per round and kind for the last
-        ``ADMIT_WINDOW`` rounds, in total before that) can never be used. A legitimate
-        client sends one reply per request it receives, after it, so none of its replies
-        is refused here (late ones are modelled as before); a node flooding as its own
-        clients gets its junk no further, and can displace only its own clients' replies."""
+        a recent round and kind this client was not asked for (``unasked``), or beyond
+        ``ADMIT_PER_REQUEST`` uploads per request it was sent (``unrequested``: per round
+        and kind for the last ``ADMIT_WINDOW`` rounds, in total before that) can never be
+        used. A legitimate client sends one reply per request it receives, after it, so
+        none of its replies is refused here (late ones are modelled as before); a node
+        flooding as its own clients gets at most a few uploads per request modelled, which
+        crowd only its own clients' links."""
         r, src = head["r"], head["src"]
         if r > self.round:
             return "future_round"
         admitted = self._uploads.get(src, 0)
-        if admitted >= self._requests.get(src, 0):
+        if admitted >= ADMIT_PER_REQUEST * self._requests.get(src, 0):
             return "unrequested"
         if r >= self.round - ADMIT_WINDOW:
             opened = self._open.get(r, {}).get(head["k"])

@@ -221,6 +221,13 @@ class Transport:
         if not self._paused and not self.socket.closed and self.socket.get(_EVENTS) & _POLLIN:
             self.drain()
 
+    def limit_frames(self, nbytes: int) -> None:
+        """Refuse frames over ``nbytes`` inside ZeroMQ (``MAXMSGSIZE``), from the frame's
+        header, before its bytes are buffered: ZeroMQ hands a multipart message over only
+        once all of it has arrived, so the total-size check at read time bounds copies but
+        not ZeroMQ's own buffering. Applies to connections made after the call."""
+        self.socket.setsockopt(zmq.MAXMSGSIZE, int(nbytes))
+
     def report_rejection(self, peer: bytes) -> bool:
         """The node rejected a message from ``peer`` before modelling it. Counts against the
         peer's budget in the guard; True when that bans the peer. Called from inside

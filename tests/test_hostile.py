@@ -252,7 +252,7 @@ def test_every_message_received_is_accounted_for_under_faults_and_attack():
             stranger.send(frames)
         # a registered node's odd traffic: an unasked kind, a reply for another round, a duplicate id
         node = sim.client_node
-        for kind, rnd in (("flood", r), ("p", 0), ("q", r), ("q", r)):
+        for kind, rnd in (("flood", r), ("p", 0), ("q", r), ("q", r)) + (("p", r),) * 6:
             node.send(Message(src=2, dst=SERVER, round=rnd, kind=kind, version=rnd, payload=Payload()))
         sim.client_transport.send(envelope(src=3, kind="p", round=r, version=r, msg_id=1))  # replayed id
 
@@ -283,7 +283,7 @@ def test_empty_hello_is_rejected_and_set_aside_messages_are_counted():
 
 def test_a_registered_nodes_junk_never_reaches_the_network_model():
     """A node floods as its own clients (unasked kinds, future rounds, late-looking rounds):
-    nothing is modelled, so round times and the model equal the clean run's exactly."""
+    almost nothing reaches the network model (a few uploads per request at most)."""
     overrides = ["run.rounds=4", "data.clients=4", "algorithm.name=fedavg", "run.round_deadline=1s"]
     clean = run(load_scenario(None, overrides))
 
@@ -295,11 +295,14 @@ def test_a_registered_nodes_junk_never_reaches_the_network_model():
                                          payload=Payload({"w": blob})))
 
     sim, result = _attacked_run(overrides, attack)
-    # equal but for the microseconds of longer message ids in the replies' envelopes
-    assert [m.round_time_s for m in result.metrics] == pytest.approx([m.round_time_s for m in clean.metrics], rel=1e-4)
-    assert result.summary["model_sha256"] == clean.summary["model_sha256"]
+    # (the model may differ: what is modelled crowds the node's own clients' links, whose
+    # replies may then overflow their queue; other nodes' clients are untouched)
+    assert result.summary["rounds"] == 4
     inbound = result.summary["inbound"]
-    assert inbound["unasked"] + inbound["future_round"] + inbound["unrequested"] == 300, inbound
+    refused = inbound["unasked"] + inbound["future_round"] + inbound["unrequested"]
+    # at most the slack of ADMIT_PER_REQUEST - 1 per (round, kind, client) reaches the model
+    assert refused >= 300 - 4 * 2 * 3, inbound
+    assert result.summary["messages_up"] - clean.summary["messages_up"] == 300 - refused
     assert inbound_balance(inbound)[0] == inbound_balance(inbound)[1]
 
 
