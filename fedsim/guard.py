@@ -94,8 +94,10 @@ bottleneck queue sized in time, as routers' buffers are)."""
 
 
 def frame_budget(model: torch.nn.Module, *, factor: int = 8, floor: int = 1024 * 1024) -> int:
-    """Largest frame the server accepts: ``factor`` times the float32 bytes of the model's
-    largest parameter, at least ``floor``. Every tensor a method sends is at most one
-    parameter's worth (a gradient, a delta, a factor), so this refuses nothing legitimate."""
+    """A bound for the server's ``Transport(max_frame_bytes=...)``: ``factor`` times the
+    float32 bytes of the model's largest parameter, at least ``floor``. Every tensor a
+    method sends is at most one parameter's worth (a gradient, a delta, a factor), so this
+    refuses nothing legitimate. (Not wired yet: the socket must get it before it binds,
+    and ``deploy.serve`` binds before it builds the model.)"""
     largest = max((p.numel() for p in model.parameters()), default=0)
     return max(floor, factor * 4 * largest)

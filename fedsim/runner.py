@@ -29,7 +29,7 @@ from .models import build_model, evaluate, work_per_sample
 from .node import Node, Stats
 from .results import EventLog, RoundMetrics, RunResult
 from .errors import ScenarioError
-from .guard import UPLOAD_QUEUE_S, frame_budget, upload_budget
+from .guard import UPLOAD_QUEUE_S, upload_budget
 from .scenario import Scenario
 from .server import ServerRole
 
@@ -62,7 +62,6 @@ class ServerSide:
                                  max_held_bytes=upload_budget(model), queue_s=UPLOAD_QUEUE_S)
         self.node = Node(transport, log=events, stats=stats, limits=limits, emulator=self.emulator, seed=run.seed)
         self.node.expected_clients = self.n_clients
-        transport.limit_frames(frame_budget(model))
         self.role = ServerRole(self.node, algorithm, stats=stats, log=events, max_wait_s=run.max_wait)
         self.metrics: list[RoundMetrics] = []
         self.start_time = 0.0

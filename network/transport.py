@@ -85,14 +85,16 @@ class Transport:
 
     ``max_message_bytes`` caps one message's frames together (and each frame, through
     ``MAXMSGSIZE``); ``batch_messages`` / ``batch_bytes`` bound one read (see the module
-    docstring; a banned peer's messages, dropped unparsed, count a quarter each); ``guard`` (ROUTER only) bans peers whose messages keep being rejected: by
+    docstring; a banned peer's messages, dropped unparsed, count a quarter each);
+    ``max_frame_bytes`` (default ``max_message_bytes``) caps each frame inside ZeroMQ; ``guard`` (ROUTER only) bans peers whose messages keep being rejected: by
     default one with :data:`network.guard.DEFAULT`."""
 
     def __init__(self, *, router: bool, address: str, identity: bytes | None = None,
                  context: zmq.Context | None = None, curve: CurveKeys | None = None,
                  max_message_bytes: int = 256 * 1024 * 1024, hwm: int = 100_000,
                  batch_messages: int = 64, batch_bytes: int = 8 * 1024 * 1024,
-                 guard: PeerGuard | None = None, rcv_hwm: int | None = None, ban_pause_s: float = 0.01):
+                 guard: PeerGuard | None = None, rcv_hwm: int | None = None, ban_pause_s: float = 0.01,
+                 max_frame_bytes: int | None = None):
         if batch_messages < 1 or batch_bytes < 1:
             raise ValueError(f"batch_messages and batch_bytes must be >= 1, got {batch_messages}, {batch_bytes}")
         self.max_message_bytes = int(max_message_bytes)
@@ -109,7 +111,11 @@ class Transport:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, hwm)
         sock.setsockopt(zmq.RCVHWM, rcv_hwm if rcv_hwm is not None else (1000 if router else hwm))
-        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        # Per frame, checked by ZeroMQ from the frame's header before its bytes are buffered
+        # (it hands a multipart message over only once all of it arrived, so the total
+        # checked at read time bounds copies, not ZeroMQ's own buffering). Must be set
+        # before bind/connect: connections copy the options then.
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes if max_frame_bytes is None else max_frame_bytes)
         if router:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if identity is not None:
@@ -220,13 +226,6 @@ class Transport:
         self._drain_scheduled = False
         if not self._paused and not self.socket.closed and self.socket.get(_EVENTS) & _POLLIN:
             self.drain()
-
-    def limit_frames(self, nbytes: int) -> None:
-        """Refuse frames over ``nbytes`` inside ZeroMQ (``MAXMSGSIZE``), from the frame's
-        header, before its bytes are buffered: ZeroMQ hands a multipart message over only
-        once all of it has arrived, so the total-size check at read time bounds copies but
-        not ZeroMQ's own buffering. Applies to connections made after the call."""
-        self.socket.setsockopt(zmq.MAXMSGSIZE, int(nbytes))
 
     def report_rejection(self, peer: bytes) -> bool:
         """The node rejected a message from ``peer`` before modelling it. Counts against the

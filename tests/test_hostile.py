@@ -322,3 +322,34 @@ def test_many_rejections_cost_counters_not_log_rows(monkeypatch):
     summaries = [f for _, e, f in rows if e == "reject_summary"]
     assert sum(f["suppressed"] for f in summaries) == 20_000 - 400
     assert result.summary["events"] < 600
+
+
+def test_an_oversized_frame_is_refused_inside_zeromq_before_it_is_buffered():
+    ctx = zmq.Context()
+    loop = asyncio.new_event_loop()
+    router = Transport(router=True, address="tcp://127.0.0.1:0", context=ctx, max_frame_bytes=10_000)
+    got, socks = [], []
+    try:
+        router.attach(loop, lambda peer, frames: got.append(frames))
+        for payload in ([b"x" * 50_000], [b"ok"]):  # ZeroMQ drops the big one's connection
+            d = ctx.socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.connect(router.address)
+            d.send_multipart(payload)
+            socks.append(d)
+
+        async def wait():
+            for _ in range(300):
+                if got:
+                    break
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+
+        loop.run_until_complete(wait())
+        assert got == [[b"ok"]]
+    finally:
+        for d in socks:
+            d.close(0)
+        router.close()
+        loop.close()
+        ctx.term()
