@@ -74,6 +74,8 @@ class Limits:
     max_header_bytes: int = 1024 * 1024
     max_tensors: int = 4096
     max_ndim: int = 8
+    max_kind_chars: int = 64
+    """Longest message kind accepted (kinds are logged; a legitimate one is a short word)."""
 
     @functools.cached_property
     def unpack(self) -> Callable[[bytes | memoryview], Any]:
@@ -194,6 +196,8 @@ def peek_route(frame0: bytes | memoryview, limits: Limits = Limits()) -> dict[st
         raise CodecError("bad_envelope", f"field {bad!r} has type {type(head[bad]).__name__}")
     if head["v"] != WIRE_VERSION:
         raise CodecError("bad_version", f"wire version {head['v']} (this build speaks {WIRE_VERSION})")
+    if len(head["k"]) > limits.max_kind_chars:
+        raise CodecError("bad_kind", f"kind of {len(head['k'])} characters > limit {limits.max_kind_chars}")
     return head
 
 
@@ -237,6 +241,8 @@ class DecodeCache:
     def __init__(self) -> None:
         self.declared: list | None = None
         """The envelope's ``tn`` entry, as received."""
+        self.declared_packed: bytes = b""
+        """The same, msgpack-encoded: msgpack tells 4 from 4.0 and True, ``==`` does not."""
         self.specs: list | None = None
         """The same, validated (see ``_tensor_specs``)."""
         self.frames: list = []
@@ -244,8 +250,12 @@ class DecodeCache:
         self.tensors: dict[str, torch.Tensor] = {}
 
     def specs_of(self, declared: list) -> list | None:
-        """The validated specs of ``declared`` when it equals the last stored declaration."""
-        return self.specs if declared == self.declared else None
+        """The validated specs of ``declared`` when it is the last stored declaration, value
+        and type alike (``[4.0]`` or ``[True, 4]`` equal ``[4]`` and ``[1, 4]`` under ``==``,
+        but a fresh decoder refuses them)."""
+        if declared != self.declared or _packb(declared) != self.declared_packed:
+            return None
+        return self.specs
 
     def lookup(self, frames: Sequence[bytes | memoryview]) -> tuple[int, dict[str, torch.Tensor]] | None:
         """CRC and tensors of ``frames`` when they equal the stored ones; call only after
@@ -260,6 +270,10 @@ class DecodeCache:
     def store(self, declared: list, specs: list, frames: Sequence[bytes | memoryview], crc: int,
               tensors: dict[str, torch.Tensor]) -> None:
         self.declared, self.specs, self.frames, self.crc, self.tensors = declared, specs, list(frames), crc, tensors
+        self.declared_packed = _packb(declared)
+
+
+_packb = functools.partial(msgpack.packb, use_bin_type=True)
 
 
 def _make_tensors(specs: list[tuple[str, str, tuple[int, ...], int]],

@@ -9,7 +9,11 @@ once). Bytes are counted as the sender puts them on its link, before the model d
 their fate.
 
 Nothing a peer sends can kill a node: every frame is validated (``codec``), and a bad
-message is rejected with a reason that is logged and counted.
+message is rejected with a reason that is counted and logged (rate-limited per peer and
+reason, :mod:`fedsim.guard`). Rejections before the network model (a message no
+legitimate node sends) count against the peer's budget in the transport's guard, which
+bans a peer that exceeds it. The server's node keeps ``Stats.inbound``: every message its
+socket received ends in exactly one named outcome (see :func:`inbound_balance`).
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from network.transport import Transport, UnknownPeer
+from network.transport import BANNED, Transport, UnknownPeer
 
 from . import codec
 from .codec import SERVER, CodecError, Limits, Message
+from .guard import RejectLog, peer_label
 
 NODE = -2
 """Sender/receiver id of node-level control messages (sessions, liveness, the end)."""
@@ -56,9 +61,38 @@ class Stats:
     messages_up: int = 0
     messages_down: int = 0
     counters: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    inbound: dict[str, int] = field(default_factory=lambda: collections.defaultdict(int))
+    """The server node's fate of every message its socket received: ``received`` (plus
+    ``network_copies``, the extra copies the network model's duplication made) equals
+    ``accepted`` plus every other key (a named rejection or discard). See
+    :func:`inbound_balance`."""
+
+    sources: list[Callable[[], tuple[dict[str, int], dict[str, int]]]] = field(default_factory=list)
+    """Counts kept elsewhere and read when asked (a transport's discards, what the network
+    model still holds): each returns (extra counters, extra inbound)."""
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
+        """(counters, inbound) as of now, sorted by name, live sources included."""
+        counters, inbound = collections.Counter(self.counters), collections.Counter(self.inbound)
+        for source in self.sources:
+            extra_counters, extra_inbound = source()
+            counters.update(extra_counters)
+            inbound.update(extra_inbound)
+        return ({k: v for k, v in sorted(counters.items()) if v},
+                {k: v for k, v in sorted(inbound.items()) if v})
+
+
+INBOUND_SOURCES = ("received", "network_copies")
+
+
+def inbound_balance(inbound: dict[str, int]) -> tuple[int, int]:
+    """(messages in: received + network copies, outcomes: accepted + every reason)."""
+    came = sum(inbound.get(k, 0) for k in INBOUND_SOURCES)
+    went = sum(v for k, v in inbound.items() if k not in INBOUND_SOURCES)
+    return came, went
 
 
 class _RecentIds:
@@ -159,6 +193,19 @@ class Node:
         """Server side: a passive wire tap (``fedsim.eavesdrop.WireTap``), handed
         ``(direction, client, frames)`` for each copy the network model delivers on a client's
         link, after its loss, duplication and corruption: bytes only."""
+        self._server = self.is_server
+        self._inbound = stats.inbound
+        self._in_network = 0
+        """Uploads handed to the network model and neither delivered nor dropped yet."""
+        loop_time = (lambda: transport.loop.time() if transport.loop is not None else 0.0)
+        self._rejects = RejectLog(log, loop_time)
+        self.admit: Callable[[dict], str | None] | None = None
+        """Server side, set by the server role: the reason an upload can never be used
+        (asked for by no request, or of a round not begun), judged before the network
+        model holds it; None to model it."""
+        transport.on_discard = self._on_discard
+        if self._server:
+            stats.sources.append(self._live_counts)
 
     def _now(self) -> float:
         return self.transport.loop.time() if self.transport.loop is not None else 0.0
@@ -274,12 +321,14 @@ class Node:
     # --- receiving ---------------------------------------------------------------
     def on_message(self, peer: bytes, frames: list) -> None:
         """Transport callback. Never raises for a peer's bytes."""
+        if self._server:
+            self._inbound["received"] += 1
         try:
             head = codec.peek_route(frames[0], self.limits) if frames else None
             if head is None:
                 raise CodecError("empty", "no frames")
         except CodecError as exc:
-            return self._reject(peer, exc.reason, str(exc))
+            return self._reject(peer, exc.reason, str(exc), before_network=True)
         if not self.is_server:
             return self._deliver(peer, frames, head)
         src = head["src"]
@@ -289,29 +338,78 @@ class Node:
         if session is not None:
             session.last_seen = self._now()
         if self.routes.get(src) != peer:
-            return self._reject(peer, "unknown_sender", f"sender {src} is not a client registered by this peer")
+            return self._reject(peer, "unknown_sender", f"sender {src} is not a client registered by this peer",
+                                before_network=True)
         if head["dst"] != SERVER:
-            return self._reject(peer, "bad_destination", f"client {src} addressed actor {head['dst']}")
+            return self._reject(peer, "bad_destination", f"client {src} addressed actor {head['dst']}",
+                                before_network=True)
+        if self.admit is not None:
+            unusable = self.admit(head)
+            if unusable is not None:
+                # no legitimate client sends these; modelling them would let a node's
+                # junk crowd its own clients' links and the server's queues
+                self.stats.count(unusable)
+                self._inbound[unusable] += 1
+                return
         nbytes = codec.wire_size(frames)
         self.stats.uplink_bytes += nbytes
         self.stats.uplink_payload_bits += max(0, head["bits"])
         self.stats.messages_up += 1
-        if not self.emulate:
+        if not self.emulate:  # a real link: no model between the socket and the server
             return self._deliver(peer, self._on_wire("up", src, frames, False), head, nbytes)
-        self.emulator.transfer("up", src, nbytes, lambda corrupt: self._deliver(
-            peer, self._on_wire("up", src, frames, corrupt), None if corrupt else head, nbytes))
+        self._in_network += 1
+        copies = [0]
 
-    def _deliver(self, peer: bytes, frames: list, head: dict | None, nbytes: int | None = None) -> None:
+        def deliver(corrupt: bool) -> None:
+            copies[0] += 1
+            if copies[0] == 1:
+                self._in_network -= 1
+            else:
+                self._inbound["network_copies"] += 1
+            self._deliver(peer, self._on_wire("up", src, frames, corrupt), None if corrupt else head, nbytes,
+                          modelled_corruption=corrupt)
+
+        self.emulator.transfer("up", src, nbytes, deliver, self._dropped_in_network)
+
+    def _dropped_in_network(self, reason: str) -> None:
+        """The network model lost an upload (loss, crash, partition, queue overflow ...)."""
+        self._in_network -= 1
+        self._inbound[f"network_{reason}"] += 1
+
+    def _on_discard(self, peer: bytes, reason: str, nbytes: int) -> None:
+        """The transport dropped a message unparsed (oversized)."""
+        if self._server:
+            self._inbound["received"] += 1
+        self._reject(peer, reason, f"{nbytes} bytes", before_network=True)
+
+    def _live_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Counts read when a summary is made (see ``Stats.sources``): messages the
+        transport discarded from banned peers, and uploads the network model still holds."""
+        banned = self.transport.discarded.get(BANNED, 0)
+        counters = {"rejected": banned, f"rejected_{BANNED}": banned}
+        inbound = {"received": banned, f"rejected_{BANNED}": banned, "in_network_at_end": self._in_network}
+        return counters, inbound
+
+    def finish(self) -> None:
+        """End of the run: summarise suppressed and banned rejections in the log."""
+        banned = self.transport.discarded.get(BANNED, 0)
+        if banned:
+            self.log("reject_summary", peer="*", reason=BANNED, total=banned)
+        self._rejects.flush()
+
+    def _deliver(self, peer: bytes, frames: list, head: dict | None, nbytes: int | None = None, *,
+                 modelled_corruption: bool = False) -> None:
         try:
             msg = codec.decode(frames, self.limits, head, nbytes, self._decode_cache)
         except CodecError as exc:
-            return self._reject(peer, exc.reason, str(exc))
+            return self._reject(peer, exc.reason, str(exc), modelled=modelled_corruption)
         if msg.dst == NODE and not self.is_server:
             return self._on_server_control(msg)
         actor = self.actors.get(msg.dst)
         if actor is None:
             if self.is_server and msg.dst == SERVER:  # the server is down (a scripted crash)
                 self.stats.count("to_crashed_server")
+                self._inbound["to_crashed_server"] += 1
                 return self.log("drop", src=msg.src, kind=msg.kind, reason="server_down")
             return self._reject(peer, "unknown_destination", f"no actor {msg.dst} on this node")
         # Duplicates are judged per (sender's session, sender): a restarted process numbers
@@ -323,6 +421,8 @@ class Node:
             key = (self.welcome["server_session"] if self.welcome else "", msg.src)
         if not self._seen[key].add(msg.msg_id):
             self.stats.count("duplicate")
+            if self._server:
+                self._inbound["duplicate"] += 1
             self.log("duplicate", src=msg.src, dst=msg.dst, kind=msg.kind, id=msg.msg_id)
             return
         self.log("deliver", src=msg.src, dst=msg.dst, kind=msg.kind, round=msg.round)
@@ -332,17 +432,19 @@ class Node:
     def _on_control(self, peer: bytes, frames: list, head: dict) -> None:
         kind = head["k"]
         if kind == PING:
+            self._inbound["control"] += 1
             session = self.sessions.get(peer)
             if session is None:
                 return self._control(UNKNOWN, peer=peer)
             session.last_seen = self._now()
             return self._control(PONG, peer=peer)
         if kind != HELLO:
-            return self._reject(peer, "bad_control", f"control message {kind[:40]!r} from a client node")
+            return self._reject(peer, "bad_control", f"control message {kind[:40]!r} from a client node",
+                                before_network=True)
         try:
             msg = codec.decode(frames, self.limits, head)
         except CodecError as exc:
-            return self._reject(peer, exc.reason, str(exc))
+            return self._reject(peer, exc.reason, str(exc), before_network=True)
         meta = msg.payload.meta
         clients, session_id = meta.get("clients"), meta.get("session", "")
         if not isinstance(clients, list) or not clients or not all(
@@ -394,6 +496,7 @@ class Node:
         for c in clients:
             self.routes[c] = peer
         self._ever_joined.update(clients)
+        self._inbound["hello"] += 1
         self._control(WELCOME, {"server_session": self.session, "resumed": self.resumed}, peer)
         if not clients:
             return
@@ -406,7 +509,9 @@ class Node:
             self.registered.set()
 
     def _refuse(self, peer: bytes, reason: str, detail: str, retry: bool = False) -> None:
-        self._reject(peer, reason, detail)
+        # a transient refusal (ids held by a live session) is what a restarted process meets
+        # while it waits: it does not count against the peer's budget
+        self._reject(peer, reason, detail, before_network=not retry)
         self._control(REFUSED, {"reason": f"{reason}: {detail}"[:300], "retry": retry}, peer)
 
     # --- control (client side) -----------------------------------------------------
@@ -429,7 +534,22 @@ class Node:
         elif kind != PONG:
             self.stats.count("unknown_control")
 
-    def _reject(self, peer: bytes, reason: str, detail: str) -> None:
+    def _reject(self, peer: bytes, reason: str, detail: str, *, before_network: bool = False,
+                modelled: bool = False) -> None:
+        """Count, log (rate-limited) and, for a message refused ``before_network``, charge
+        the peer's rejection budget. ``modelled``: the network model corrupted it (a
+        simulated event, always logged in full)."""
         self.stats.count("rejected")
         self.stats.count(f"rejected_{reason}")
-        self.log("reject", reason=reason, detail=detail[:200])
+        if not self._server:
+            # a client node hears only from the server: nothing to rate-limit
+            self.log("reject", reason=reason, detail=detail[:200])
+            return
+        self._inbound[f"rejected_{reason}"] += 1
+        if modelled:
+            self.log("reject", reason=reason, detail=detail[:200])
+        else:
+            self._rejects(peer, reason, detail=detail[:200])
+        if before_network and self.transport.report_rejection(peer):
+            self.stats.count("peers_banned")
+            self.log("peer_banned", peer=peer_label(peer), reason=reason)

@@ -1,16 +1,20 @@
 """What a run leaves behind: the event log, per-round metrics, and the summary.
 
 ``events.jsonl`` holds only simulated quantities (no wall time), so that the same
-scenario and seed give byte-identical logs — ``events_sha256`` is their digest.
+scenario and seed give byte-identical logs — ``events_sha256`` is their digest. The log
+streams to disk during the run; memory holds one buffer of rows.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import hashlib
 import json
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 
 def _line_encoder() -> Callable[[dict], str]:
@@ -29,33 +33,98 @@ _JSON_LINE = _line_encoder()
 
 
 class EventLog:
-    """Append-only log of (simulated time, event, fields). Cheap to append: rows are
-    serialised once, when hashed or written."""
+    """Append-only log of (simulated time, event, fields), streamed to disk as the run goes.
 
-    def __init__(self, now: Callable[[], float]):
+    Rows are buffered ``flush_rows`` at a time, then serialised once, hashed (the digest is
+    of the same bytes ``events.jsonl`` holds) and appended to a file: ``events.jsonl``
+    itself once :meth:`stream_to` names it, an anonymous temporary file until then. Memory
+    stays at one buffer however long the run or however many rows a flood causes."""
+
+    def __init__(self, now: Callable[[], float], *, flush_rows: int = 4096):
         self.now = now
-        self.rows: list[tuple[float, str, dict[str, Any]]] = []
+        self.flush_rows = flush_rows
+        self._buf: list[tuple[float, str, dict[str, Any]]] = []
+        self._hash = hashlib.sha256()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._written = 0
+        self._file: IO[bytes] = tempfile.TemporaryFile()
+        self.path: Path | None = None
 
     def __call__(self, event: str, **fields: Any) -> None:
-        self.rows.append((self.now(), event, fields))
+        buf = self._buf
+        buf.append((self.now(), event, fields))
+        if len(buf) >= self.flush_rows:
+            self.flush()
 
-    def lines(self):
-        for t, event, fields in self.rows:
-            yield _JSON_LINE({"t": round(t, 9), "event": event, **fields})
+    def flush(self) -> None:
+        """Serialise, hash and write the buffered rows."""
+        buf, self._buf = self._buf, []
+        if not buf:
+            return
+        data = "".join([_JSON_LINE({"t": round(t, 9), "event": event, **fields}) + "\n"
+                        for t, event, fields in buf]).encode()
+        self._hash.update(data)
+        self._file.write(data)
+        self._counts.update(event for _, event, _ in buf)
+        self._written += len(buf)
+
+    def replay(self, lines: list[str]) -> None:
+        """Log rows as they were written by another log (a resumed server's first rows)."""
+        for line in lines:
+            row = json.loads(line)
+            self._buf.append((row.pop("t"), row.pop("event"), row))
+        self.flush()
+
+    def stream_to(self, path: str | Path) -> None:
+        """Write the log to ``path`` from now on (what was logged so far is copied there)."""
+        self.flush()
+        path = Path(path)
+        f = open(path, "w+b")
+        self._file.seek(0)
+        shutil.copyfileobj(self._file, f)
+        self._file.close()
+        self._file, self.path = f, path
+
+    @property
+    def total(self) -> int:
+        """Rows logged so far."""
+        return self._written + len(self._buf)
+
+    def lines(self) -> Iterator[str]:
+        self.flush()
+        self._file.flush()
+        with open(self._file.fileno(), "rb", closefd=False) as f:
+            f.seek(0)
+            for line in f:
+                yield line.decode().rstrip("\n")
+
+    @property
+    def rows(self) -> Iterator[tuple[float, str, dict[str, Any]]]:
+        """The rows, read back from disk (times rounded to 1 ns, as written)."""
+        for line in self.lines():
+            row = json.loads(line)
+            yield row.pop("t"), row.pop("event"), row
 
     def sha256(self) -> str:
-        h = hashlib.sha256()
-        for line in self.lines():
-            h.update(line.encode() + b"\n")
-        return h.hexdigest()
+        self.flush()
+        return self._hash.hexdigest()
 
     def write(self, path: Path) -> None:
-        with open(path, "w") as f:
-            for line in self.lines():
-                f.write(line + "\n")
+        self.flush()
+        self._file.flush()
+        if self.path is not None and self.path.resolve() == Path(path).resolve():
+            return
+        with open(path, "wb") as out, open(self._file.fileno(), "rb", closefd=False) as f:
+            f.seek(0)
+            shutil.copyfileobj(f, out)
 
     def count(self, event: str) -> int:
-        return sum(1 for _, e, _ in self.rows if e == event)
+        self.flush()
+        return self._counts[event]
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
 
 
 @dataclass

@@ -37,6 +37,7 @@ from .models import build_model, evaluate, work_per_sample
 from .node import Node, Stats
 from .results import EventLog, RoundMetrics, RunResult
 from .errors import ScenarioError
+from .guard import UPLOAD_QUEUE_S, upload_budget
 from .scenario import Scenario, can_lose_replies
 from .server import ServerRole
 
@@ -80,7 +81,8 @@ class ServerSide:
                 self.drops[fields.get("reason", "?")] += 1
             events(event, **fields)
 
-        self.emulator = Emulator(scenario.network, self.n_clients, LoopClock(loop), run.seed, net_log)
+        self.emulator = Emulator(scenario.network, self.n_clients, LoopClock(loop), run.seed, net_log,
+                                 max_held_bytes=upload_budget(model), queue_s=UPLOAD_QUEUE_S)
         self.node = Node(transport, log=events, stats=stats, limits=limits, emulator=self.emulator, seed=run.seed)
         self.node.emulate = emulate
         self.node.session = session
@@ -159,6 +161,7 @@ class ServerSide:
                 progress(m, run.rounds)
             if run.stop_at_target and acc is not None and run.target_accuracy is not None and acc >= run.target_accuracy:
                 break
+        self.node.finish()
         self.node.farewell()
 
     # --- checkpoints ---------------------------------------------------------------
@@ -176,7 +179,7 @@ class ServerSide:
                       "counters": dict(self.stats.counters)},
             "contributions": dict(self.role.contributions),
             "emulator_rngs": dict(self.emulator._rngs),
-            "events": [[t, e, f] for t, e, f in self.events.rows],
+            "events_rows": self.events.total,
             "restarts": self.restarts,
         }
 
@@ -208,9 +211,21 @@ class ServerSide:
                 setattr(self.stats, k, st[k])
             self.stats.counters.clear()
             self.stats.counters.update(st["counters"])
-            self.events.rows[:] = [(t, e, f) for t, e, f in state["events"]]
+            self._replay_events(state["events_rows"])
             self.emulator._rngs.update(state["emulator_rngs"])
         self.node.resumed = state["round"]
+
+    def _replay_events(self, rows: int) -> None:
+        """A resumed run's event log starts with the first ``rows`` rows of the log the
+        killed process streamed (the rows of its last completed round and before)."""
+        path = self.checkpoint_dir / "events.jsonl" if self.checkpoint_dir is not None else None
+        if path is None or not path.exists():
+            return
+        with open(path) as f:
+            lines = [line for _, line in zip(range(rows), f)]
+        if len(lines) < rows:
+            raise checkpoint.CheckpointError(f"{path} holds {len(lines)} events, the checkpoint expects {rows}")
+        self.events.replay(lines)
 
     def crash(self, restart_after: float | None) -> None:
         """A scripted server crash: in-flight work and in-memory state are lost; after
@@ -466,6 +481,9 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
     try:
         sim = build(scenario, loop)
         _stop_on_interrupt(loop, sim.server)
+        if out_dir is not None:  # the event log streams into its file during the run
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            sim.events.stream_to(Path(out_dir) / "events.jsonl")
         with quiet_gc():
             loop.run_until_complete(sim.main(progress))
     finally:
@@ -503,6 +521,7 @@ def summarise_parts(scenario: Scenario, stats: Stats, metrics: list[RoundMetrics
     evaluated = [m for m in metrics if m.accuracy is not None]
     reached = next((m.sim_time_s for m in evaluated if target is not None and m.accuracy >= target), None)
     last = evaluated[-1] if evaluated else None
+    counters, inbound = stats.snapshot()
     summary = {
         "scenario": scenario.source,
         "algorithm": scenario.algorithm_name,
@@ -524,7 +543,8 @@ def summarise_parts(scenario: Scenario, stats: Stats, metrics: list[RoundMetrics
         "payload_bits": stats.uplink_payload_bits + stats.downlink_payload_bits,
         "messages_up": stats.messages_up,
         "messages_down": stats.messages_down,
-        "counters": dict(sorted(stats.counters.items())),
+        "counters": counters,
+        "inbound": inbound,
         # The network model's drops by reason; "deadline": replies that arrived after their
         # gather had stopped waiting (counted "late").
         "drops": {**{r: 0 for r in DROP_REASONS}, **(dict(server.drops) if server is not None else {}),
@@ -534,6 +554,6 @@ def summarise_parts(scenario: Scenario, stats: Stats, metrics: list[RoundMetrics
         "round_deadline_derived": server.deadline_derived if server is not None else False,
         "model_sha256": params_digest(algorithm.model_params()),
         "events_sha256": events.sha256(),
-        "events": len(events.rows),
+        "events": events.total,
     }
     return RunResult(summary, metrics, events, algorithm.model_params())

@@ -110,6 +110,8 @@ class _Transfer:
     bits: float = 0.0             # tcp: wire bits (payload + headers) not yet handed to a chunk
     chunk: float = 0.0            # tcp: bits of its chunk in the fluid model now
     conn: "_Conn | None" = None   # tcp: the connection direction it travels on
+    on_drop: Callable[[str], None] | None = None
+    copies_left: int = 0
 
 
 class _Conn:
@@ -141,10 +143,16 @@ class _Conn:
 
 class Emulator:
     """See the module docstring. ``log(event, **fields)`` receives ``drop``, ``duplicate``
-    and ``net_event`` records with JSON-friendly fields."""
+    and ``net_event`` records with JSON-friendly fields.
+
+    Per-client upload budget: the emulator holds at most ``max(max_held_bytes, uplink rate
+    x queue_s)`` bytes of one client's uploads at once (in flight on the link or waiting
+    for their delivery time); an upload that would exceed it is dropped as
+    ``queue_overflow``, as a real bottleneck queue (sized in seconds of its line rate)
+    drops what does not fit. ``max_held_bytes`` None: unbounded."""
 
     def __init__(self, config: NetworkConfig, n_clients: int, clock: Clock, seed: int,
-                 log: Callable[..., None]):
+                 log: Callable[..., None], max_held_bytes: int | None = None, queue_s: float = 0.0):
         if n_clients != config.n_clients:
             raise ValueError(f"config was parsed for {config.n_clients} clients, emulator built for {n_clients}")
         self.config = config
@@ -188,6 +196,11 @@ class Emulator:
         self._wakes: dict[float, list[_Conn]] = {}
         self._opening: list[_Transfer] = []
         self._seg_bits = 8.0 * (config.tcp.mss + config.tcp.header)
+        self.max_held_bytes = max_held_bytes
+        self.queue_s = queue_s
+        self._held: dict[int, int] = {}
+        """client -> bytes of its uploads held now (see max_held_bytes)."""
+        self.overflows: dict[int, int] = {}
 
         self._fluid.set_capacity(("server", "up"), config.server_uplink)
         self._fluid.set_capacity(("server", "down"), config.server_downlink)
@@ -392,6 +405,7 @@ class Emulator:
                 self._fluid.remove(fid)
             tr = self._transfers.pop(fid)
             self.log("drop", direction=tr.direction, client=client, nbytes=tr.nbytes, reason=reason, tid=fid)
+            self._release(tr, reason)
         self._by_client.pop(client, None)
         # The connection is gone: the next message opens a new one (handshake, initial window).
         for d in DIRECTIONS:
@@ -399,10 +413,12 @@ class Emulator:
         self._ready.pop(client, None)
 
     # ------------------------------------------------------------------ transfers
-    def transfer(self, direction: str, client: int, nbytes: int, deliver: Callable[[bool], None]) -> None:
+    def transfer(self, direction: str, client: int, nbytes: int, deliver: Callable[[bool], None],
+                 on_drop: Callable[[str], None] | None = None) -> None:
         """Send ``nbytes`` bytes between the server and ``client`` (``"up"``: client ->
         server, ``"down"``: server -> client), now. ``deliver(corrupt)`` is called at each
-        delivery: once, twice if duplicated, never if lost."""
+        delivery: once, twice if duplicated, never if lost; ``on_drop(reason)`` once if
+        lost (``loss``, ``crashed``, ``partition``, ``offline``, ``queue_overflow``)."""
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
         if not 0 <= client < self.n:
@@ -417,7 +433,20 @@ class Emulator:
         reason = self._down_reason(client)
         if reason is not None:
             self.log("drop", direction=direction, client=client, nbytes=int(nbytes), reason=reason, tid=tid)
+            if on_drop is not None:
+                on_drop(reason)
             return
+        if direction == "up" and self.max_held_bytes is not None:
+            held = self._held.get(client, 0) + int(nbytes)
+            if held > self.max_held_bytes and held > self._queue_bytes(client, now):
+                n = self.overflows[client] = self.overflows.get(client, 0) + 1
+                if n <= 100 or n % 1000 == 0:  # a flooding client costs log rows only sparsely
+                    self.log("drop", direction=direction, client=client, nbytes=int(nbytes), reason="queue_overflow",
+                             tid=tid, overflows=n)
+                if on_drop is not None:
+                    on_drop("queue_overflow")
+                return
+            self._held[client] = held
         link = self._links[direction][client]
         d = 0 if direction == "up" else 1
         lost = False
@@ -446,7 +475,7 @@ class Emulator:
         else:
             jit = sample_jitter(link.jitter, self._rng(_JITTER, d, client), 2)
             delays = (max(0.0, link.latency + float(jit[0])), max(0.0, link.latency + float(jit[1])))
-        tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup, cor, delays)
+        tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup, cor, delays, on_drop)
         self._transfers[tid] = tr
         self._by_client.setdefault(client, set()).add(tid)
         if self.config.transport == "tcp":
@@ -632,8 +661,10 @@ class Emulator:
         tid = tr.tid
         if tr.lost:
             self.log("drop", direction=tr.direction, client=tr.client, nbytes=tr.nbytes, reason="loss", tid=tid)
+            self._release(tr, "loss")
             return
         copies = 2 if tr.duplicate else 1
+        tr.copies_left = copies
         if tr.duplicate:
             self.log("duplicate", direction=tr.direction, client=tr.client, nbytes=tr.nbytes, tid=tid)
         key = (tr.direction, tr.client)
@@ -644,7 +675,38 @@ class Emulator:
                 when = max(when, self._last_delivery.get(key, -math.inf))
                 self._last_delivery[key] = when
             corrupt = tr.corrupt[i]
-            self._agenda.at(when, _DELIVER, tid, lambda t, tr=tr, corrupt=corrupt: tr.deliver(corrupt))
+            self._agenda.at(when, _DELIVER, tid, lambda t, tr=tr, corrupt=corrupt: self._deliver_copy(tr, corrupt))
+
+    def _deliver_copy(self, tr: _Transfer, corrupt: bool) -> None:
+        tr.copies_left -= 1
+        if tr.copies_left == 0:
+            self._release(tr, None)
+        tr.deliver(corrupt)
+
+    def _release(self, tr: _Transfer, dropped: str | None) -> None:
+        """The emulator no longer holds ``tr`` (delivered for the last time, or lost)."""
+        if tr.direction == "up" and self.max_held_bytes is not None:
+            left = self._held.get(tr.client, 0) - tr.nbytes
+            if left > 0:
+                self._held[tr.client] = left
+            else:
+                self._held.pop(tr.client, None)
+        if dropped is not None and tr.on_drop is not None:
+            tr.on_drop(dropped)
+
+    def _queue_bytes(self, client: int, now: float) -> float:
+        """Bytes the client's uplink carries in ``queue_s`` seconds at its rate now."""
+        if self.queue_s <= 0:
+            return 0.0
+        bw = self._links["up"][client].bandwidth
+        rate = bw.at(self._sim(now)) if isinstance(bw, Trace) else bw
+        # an unlimited link delivers after its latency alone: only the byte floor applies
+        return rate * self.queue_s / 8.0 if math.isfinite(rate) else 0.0
+
+    def held_bytes(self, client: int) -> int:
+        """Bytes of ``client``'s uploads the emulator holds now (counted only when
+        ``max_held_bytes`` is set)."""
+        return self._held.get(client, 0)
 
     # ------------------------------------------------------------------ compute
     def compute_time(self, client: int, work_flop: float, round: int) -> float:

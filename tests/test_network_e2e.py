@@ -36,9 +36,9 @@ class Recorder:
         self.calls: list[tuple[str, int, int, float]] = []
         original = self.original = Emulator.transfer
 
-        def transfer(emu, direction, client, nbytes, deliver):
+        def transfer(emu, direction, client, nbytes, deliver, *rest):
             self.calls.append((direction, client, int(nbytes), emu.clock.now()))
-            return original(emu, direction, client, nbytes, deliver)
+            return original(emu, direction, client, nbytes, deliver, *rest)
 
         monkeypatch.setattr(Emulator, "transfer", transfer)
 

@@ -1,0 +1,71 @@
+"""A live server over tcp on 127.0.0.1 under a stranger's flood and fuzz traffic: the run
+ends with the undisturbed model, rounds stay near their undisturbed time, memory stays
+put, and summary.json accounts for every message received. The server runs in this
+process (``deploy.serve``), its two client processes are ``deploy.join`` threads, and the
+hostile peer is its own process (``python -m fedsim.hostile``), bounded in count and time.
+Scaled-down versions of ``bench/flood.py`` and ``bench/fuzz_live.py``."""
+import statistics
+
+import pytest
+
+import network.guard
+from fedsim.deploy import make_keys
+from fedsim.hostile import attacker, live_run
+from fedsim.node import inbound_balance
+from fedsim.runner import run
+from fedsim.scenario import load_scenario
+
+pytestmark = pytest.mark.realtime
+BASE = ["data.clients=10", "run.clock=real", "network.latency=50ms"]
+JOINS = ["0-4", "5-9"]
+
+
+def _virtual_model(overrides):
+    """The undisturbed model: a run that misses no reply ends where the virtual run ends."""
+    return run(load_scenario(None, overrides + ["run.clock=virtual"])).summary["model_sha256"]
+
+
+def test_flood_from_a_stranger_during_a_deadline_run_changes_nothing():
+    overrides = BASE + ["run.round_deadline=2s", "run.rounds=70"]
+    start = 8  # rounds 1-7 are the undisturbed reference (round 0 pays for warming up)
+    flood = live_run(overrides, JOINS, attack_at_round=start, attack=lambda address, go: attacker(
+        address, "flood", "--count", "200000", "--seconds", "30", go_file=go))
+    s = flood["summary"]
+    assert flood["attack"]["sent"] == 200_000, flood["attack"]
+    assert s["inbound"]["received"] >= 200_000 + 2 + 700  # the flood was read while the run went on
+    assert s["model_sha256"] == _virtual_model(overrides)
+    assert s["counters"].get("missed_replies", 0) == 0
+    clean = flood["round_times"][1:start]
+    during = [flood["round_times"][r] for r in flood["rounds_during_attack"]]
+    assert len(during) >= 5
+    # each round under the flood within 2x an undisturbed round (the worst undisturbed one:
+    # this machine is shared, so single undisturbed rounds vary too)
+    assert max(during) <= 2 * max(clean), (during, clean)
+    assert statistics.median(during) <= 2 * statistics.median(clean)
+    # memory does not follow the flood (RSS of this process, which also hosts the joins)
+    assert flood["rss_end_mb"] - flood["rss_start_mb"] < 50
+    # accounting: every message received has one named outcome
+    came, went = inbound_balance(s["inbound"])
+    assert came == went == flood["received"]
+    assert s["inbound"]["accepted"] == 700 and s["counters"]["peers_banned"] >= 1
+
+
+@pytest.mark.parametrize("curve", [False, True])
+def test_fuzz_a_live_server(tmp_path, curve, monkeypatch):
+    # No bans here: every fuzzed message must reach the parser.
+    monkeypatch.setattr(network.guard, "DEFAULT", network.guard.GuardConfig(rate=1e9, burst=1e9))
+    keys = make_keys(tmp_path / "keys", clients=1) if curve else None
+    overrides = BASE + ["run.rounds=25"]
+    n = 10_000
+    args = ["--count", str(n), "--seconds", "30", "--seed", str(int(curve))]
+    if curve:
+        args += ["--keys", str(keys)]
+    fuzz = live_run(overrides, JOINS, keys=keys, attack=lambda address, go: attacker(address, "fuzz", *args, go_file=go))
+    s = fuzz["summary"]
+    assert fuzz["attack"]["sent"] == n, fuzz["attack"]
+    assert s["rounds"] == 25
+    assert s["model_sha256"] == _virtual_model(overrides)
+    came, went = inbound_balance(s["inbound"])
+    assert came == went and s["inbound"]["received"] >= n + 2 + 250
+    rejected = {k: v for k, v in s["inbound"].items() if k.startswith("rejected_")}
+    assert sum(rejected.values()) >= n and len(rejected) >= 6, rejected
