@@ -18,12 +18,13 @@ import random
 import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Iterator
 
 import msgpack
 import zmq
+
+from . import codec
 
 _CRC = struct.Struct(">I")
 SERVER, NODE = -1, -2
@@ -42,8 +43,8 @@ def envelope(*, src: int = 0, dst: int = SERVER, round: int = 0, kind: str = "mo
     crc = 0
     frames = [b for *_, b in tensors]
     for f in frames:
-        crc = zlib.crc32(f, crc)
-    return [_CRC.pack(zlib.crc32(env, crc)) + env, *frames]
+        crc = codec.checksum(f, crc)
+    return [_CRC.pack(codec.checksum(env, crc)) + env, *frames]
 
 
 def flood_messages(mode: str) -> list[list[bytes]]:

@@ -475,7 +475,7 @@ class Emulator:
         else:
             jit = sample_jitter(link.jitter, self._rng(_JITTER, d, client), 2)
             delays = (max(0.0, link.latency + float(jit[0])), max(0.0, link.latency + float(jit[1])))
-        tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup, cor, delays, on_drop)
+        tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup, cor, delays, on_drop=on_drop)
         self._transfers[tid] = tr
         self._by_client.setdefault(client, set()).add(tid)
         if self.config.transport == "tcp":

@@ -243,7 +243,7 @@ def _attacked_run(overrides, attack):
 def test_every_message_received_is_accounted_for_under_faults_and_attack():
     """received (+ network copies) = accepted + every named rejection and discard."""
     overrides = ["run.rounds=6", "data.clients=6", "algorithm.name=powersgd", "network.transport=datagram",
-                 "network.loss=0.02", "network.duplicate=0.3", "network.corrupt=0.1", "run.round_deadline=1s"]
+                 "network.loss=0.08", "network.duplicate=0.3", "network.corrupt=0.1", "run.round_deadline=1s"]
 
     def attack(sim, stranger, r):
         for frames in flood_messages("stranger") * 5:
