@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 from bench import settings as S  # noqa: E402
 
 README = ROOT / "README.md"
+NO_SIGNAL = 0.2
+"""A reference below this accuracy (10 classes: chance is 0.1) has not learnt: no target verdict."""
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -89,6 +91,8 @@ def target_cells(result: Result, by_label: dict[str, Result]) -> str:
     ref = by_label.get(S.reference_label(target, S.ROWS[result.row]))
     if ref is None or ref.measured is None or result.measured is None:
         return "n/a"
+    if ref.accuracy < NO_SIGNAL:
+        return f"n/a: {ref.label} at {ref.accuracy:.3f}, near chance (0.1): accuracy says nothing yet"
     gap, ratio, ok = target.check(result.accuracy, ref.accuracy, result.uplink_bytes, ref.uplink_bytes)
     bits_ratio = result.measured.uplink_payload_bits / ref.measured.uplink_payload_bits
     return (f"{'**met**' if ok else '**not met**'}: {-gap:+.1f} pts, {100 * ratio:.1f}% "
@@ -119,7 +123,7 @@ def markdown(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def settings_notes(rows: list[S.Row], methods: tuple[str, ...]) -> str:
+def settings_notes(rows: list[S.Row], methods: tuple[str, ...], ran: set[tuple[str, str]] | None = None) -> str:
     """How the runs were configured, as markdown bullets (what a reader needs to reproduce them)."""
     from algorithms import get_algorithm
 
@@ -158,7 +162,7 @@ def settings_notes(rows: list[S.Row], methods: tuple[str, ...]) -> str:
             notes.append(f"- {row.title}: every local-training run with "
                          f"`{', '.join(e.removeprefix('algorithm.') for e in row.local_common)}`.")
         for label, method, extra in row.variants:
-            if method in methods:
+            if method in methods and (ran is None or (row.key, label) in ran):
                 notes.append(f"- {label} on {row.title}: {method} with "
                              f"`{', '.join(e.removeprefix('algorithm.') for e in extra)}`.")
     notes.append("- Per-row rounds are in the table; the uplink-per-round ratio compares families run for different "
@@ -246,7 +250,7 @@ def emit(ordered: list[Result], rows: list[S.Row], methods: tuple[str, ...], how
         "",
         markdown(ordered),
         "",
-        settings_notes(rows, methods),
+        settings_notes(rows, methods, {(r.row, r.label) for r in ordered}),
     ])
     print(block)
     if write:
