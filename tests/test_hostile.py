@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import json
 
-import msgpack
 import pytest
 import torch
 import zmq
