@@ -131,10 +131,10 @@ def serve(scenario: Scenario, bind: str, *, keys: str | Path | None = None, out_
         if state is not None:
             server.restore(state)
             server.restarts += 1
+            say(f"resuming after round {state['round'] + 1} of {run.rounds} from {Path(out_dir) / checkpoint.FILENAME}")
         if out_dir is not None:  # the event log streams into its file during the run
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             events.stream_to(Path(out_dir) / "events.jsonl")
-            say(f"resuming after round {state['round'] + 1} of {run.rounds} from {Path(out_dir) / checkpoint.FILENAME}")
         server.role.report_waiting = lambda kind, missing, waited: say(
             f"round {server.role.round + 1}: waiting {waited:.0f}s for {len(missing)} {kind!r} "
             f"repl{'y' if len(missing) == 1 else 'ies'} (clients {format_clients(missing)})")
