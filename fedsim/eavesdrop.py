@@ -18,25 +18,40 @@ observer of the updates running gradient inversion, measured by SSIM):
   method's class from those settings and uses only its pure decoding helpers (layouts,
   ``decode``, ``rebuild``); it never touches the run's algorithm object;
 * **what it rebuilds**: the mirrored state a listener can hold from what it saw since it
-  started listening — LAQ/QRR's quantized accumulators (verified against the tag every
-  upload carries; an innovation against a base it never saw is unusable and counted
-  ``no_base``), FedLoRU's frozen base W0 (sent in full on first contact, then merged),
-  FeDLRT's basis, PowerSGD/LQ-SGD's warm-start Q and P̂ (sent every round);
+  started listening — LAQ/SLAQ/QRR's quantized accumulators and top-k's EF21 estimate
+  (verified against the tag every upload carries; an innovation against a base it never
+  saw is unusable and counted ``no_base``), FedLoRU's frozen base W0 (sent in full on first
+  contact, then merged with the public scale s = α/r), FeDLRT's basis and its augmentation,
+  PowerSGD/LQ-SGD's warm-start Q and P̂ (sent every round);
+* **what a round may lack**: LAQ/SLAQ's lazy rule lets a client skip an upload (a reply
+  without tensors; the server reuses its last Q, which is no gradient at this round's
+  model): counted ``skipped_upload``, no target. PowerSGD's ``start_round`` warm-up rounds
+  carry raw gradients (``warmup`` messages), decoded as SGD's;
 * **what it cannot know**: a client's private memory — PowerSGD/LQ-SGD's error feedback e_i
   (so from the second round on, M_i = g_i + e_i differs from the gradient the attack
-  models), the client's data and its sampling.
+  models; with the default ``aggregated`` feedback it is taken against the aggregate Q, which
+  the tap hears, but M_i's first term is still private), pFedLoRU's personal modules (counted
+  ``personal_modules_unmodelled``), the client's data and its sampling.
 
 Per round of its window it builds one target: the model the server broadcast to that client
-(downlink) and the tensors the client uploaded, with ``predict``, the linear map the method
-applies to a gradient before it goes on the wire (identity for SGD and LAQ; G -> (G Q, Gᵀ P̂)
-for PowerSGD; basis projections for FeDLRT; factor gradients for FedLoRU). Multi-step local
-training (FedAvg, FeDLRT's coefficients, FedLoRU) is modelled as one step of the summed
-steps, update ~ -lr * steps * gradient at the broadcast model (Geiping et al. 2020, Sec. 6,
-attack FedAvg updates this way when the local steps are few).
+(downlink) and the tensors the client uploaded, with ``predict``, the map the method
+applies to a gradient before it goes on the wire (identity for SGD and LAQ, after removing
+LAQ's public ``l2 * w`` term; G -> (G Q, Gᵀ P̂) for PowerSGD; basis projections for FeDLRT;
+factor gradients s·G Aᵀ, s·Bᵀ G for FedLoRU, clipped as its official optimizer clips them;
+the sent coordinates for top-k). Multi-step local training (FedAvg, FeDLRT without variance
+correction, FedLoRU) is modelled as one step of the summed steps, update ~ -lr * steps *
+gradient at the broadcast model (Geiping et al. 2020, Sec. 6, attack FedAvg updates this way
+when the local steps are few); FedLoRU's momentum enters as its gain over the steps for a
+constant gradient, its weight decay as wd * (broadcast value). FeDLRT with ``full`` or
+``simplified`` variance correction sends exact gradients at the broadcast model (the basis
+reply; with ``full`` also the start-point coefficient gradient): those are matched, not the
+corrected steps, which move along the server's average gradient.
 
 Departures: a message the CRC rejects is discarded (a real attacker could still use all but
 one bit of it); the attacker's batch size is the method's ``batch_size`` setting, capped by
-the client's sample count when the reply carries it (FedAvg, FeDLRT, FedLoRU).
+the client's sample count when the reply carries it (FedAvg, FeDLRT, FedLoRU); all the
+samples for FeDLRT's full-data gradients; one image when the setting is 0 (all local data)
+and the wire carries no count (LAQ's default; counted ``batch_size_unknown``).
 """
 from __future__ import annotations
 
@@ -199,6 +214,9 @@ class Decoder:
         b = int(getattr(self.config, "batch_size", 0) or 0)
         if samples is not None:
             b = samples if b <= 0 else min(b, samples)
+        elif b <= 0:
+            # all local data (LAQ's default) and no sample count on the wire: assume one image
+            self.count("batch_size_unknown")
         return max(1, b)
 
     def _target(self, params: Params, observed: Params, predict, estimate: Params, samples: int | None,
