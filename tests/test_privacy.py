@@ -18,7 +18,7 @@ from fedsim.scenario import from_dict
 METHODS = ["sgd", "fedavg", "laq", "slaq", "qrr", "powersgd", "lqsgd", "fedlrt", "fedloru", "topk"]
 VARIANTS = [("laq", {"lazy": False, "l2": 1.0}), ("powersgd", {"start_round": 1}),
             ("fedlrt", {"variance_correction": "simplified"}), ("fedlrt", {"variance_correction": "none"}),
-            ("fedloru", {"local_step": "preconditioned", "init": "subspace"}), ("fedloru", {"alpha": 8.0})]
+            ("fedloru", {"local_step": "preconditioned", "init": "subspace"}), ("fedloru", {"alpha": 8.0, "merge_every": 1})]
 """Non-default settings whose wire semantics differ (each a public setting the decoder reads)."""
 EXACT = {"sgd", "fedlrt", "fedloru", "topk"}
 """Methods whose observation is, at one local step, exactly a map of the gradient (no
@@ -188,11 +188,12 @@ def test_a_lazy_laq_skip_is_counted_not_attacked(digits):
     assert len(targets) == len(ups) - len(skips)
 
 
-def test_laq_needs_the_accumulator_it_heard():
-    """A tap that starts listening late holds no mirror of LAQ's accumulator: no target.
-    (Non-lazy, so the client uploads an innovation every round: with the lazy rule on it
-    skips rounds 1 and 2 here and there is no innovation to miss.)"""
-    sc = scenario("laq", rounds=3, algorithm={"lazy": False})
+@pytest.mark.parametrize("method,settings", [("laq", {"lazy": False}), ("topk", {})])
+def test_laq_needs_the_accumulator_it_heard(method, settings):
+    """A tap that starts listening late holds no mirror of LAQ's accumulator (top-k's EF21
+    estimate): no target. (LAQ non-lazy, so the client uploads an innovation every round:
+    with the lazy rule on it skips rounds 1 and 2 here and there is no innovation to miss.)"""
+    sc = scenario(method, rounds=3, algorithm=settings)
     ds = load_dataset(sc.data, 1)
     ds.test_x, ds.test_y = ds.test_x[:32], ds.test_y[:32]
     sc.eavesdropper.rounds = [1, 3]
