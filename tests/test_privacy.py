@@ -15,14 +15,25 @@ from fedsim.inversion import Target, cosine_distance, identity, infer_labels, to
 from fedsim.privacy import eavesdrop, match, psnr, run_tapped, ssim
 from fedsim.scenario import from_dict
 
-METHODS = ["sgd", "fedavg", "laq", "qrr", "powersgd", "lqsgd", "fedlrt", "fedloru"]
+METHODS = ["sgd", "fedavg", "laq", "slaq", "qrr", "powersgd", "lqsgd", "fedlrt", "fedloru", "topk"]
+VARIANTS = [("laq", {"lazy": False, "l2": 1.0}), ("powersgd", {"start_round": 1}),
+            ("fedlrt", {"variance_correction": "simplified"}), ("fedlrt", {"variance_correction": "none"}),
+            ("fedloru", {"local_step": "preconditioned", "init": "subspace"}), ("fedloru", {"alpha": 8.0, "merge_every": 1})]
+"""Non-default settings whose wire semantics differ (each a public setting the decoder reads)."""
+EXACT = {"sgd", "fedlrt", "fedloru", "topk"}
+"""Methods whose observation is, at one local step, exactly a map of the gradient (no
+quantization, no private error memory): the decoder must match its magnitude too (scale
+s = α/r, clipping, weight decay), which a cosine cannot see."""
+LAZY = {"laq", "slaq"}
+"""Methods whose clients may skip an upload (LAQ's lazy rule, on by default)."""
 
 
 def scenario(method: str = "sgd", batch: int = 1, rounds: int = 1, network: dict | None = None,
-             events: list | None = None, **eaves):
+             events: list | None = None, algorithm: dict | None = None, **eaves):
     algo = {"name": method, "batch_size": batch}
     if method in ("fedlrt", "fedloru"):
         algo.update(local_steps=1, rank=4)
+    algo.update(algorithm or {})
     raw = {"run": {"seed": 1, "rounds": rounds, "eval_every": 1000, "round_deadline": "5s"},
            "data": {"dataset": "digits", "clients": 3, "partition": "iid"},
            "model": {"kind": "mlp", "hidden": [32]}, "algorithm": algo,
@@ -132,28 +143,57 @@ def test_the_tap_listens_only_to_its_client_direction_and_window(digits):
     assert [(d, m.round, m.src) for d, m in tap.messages()] == [("up", 1, 0)]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_decodes_into_a_target(digits, method):
-    """The wire formats of all eight methods decode into a target at the broadcast model."""
-    sc = scenario(method, rounds=2)
+@pytest.mark.parametrize("method,settings", [(m, {}) for m in METHODS] + VARIANTS,
+                         ids=[*METHODS, *(f"{m}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for m, kw in VARIANTS)])
+def test_every_method_decodes_into_a_target(digits, method, settings):
+    """The wire formats of every method (default settings and the variants whose messages
+    differ) decode into a target at the broadcast model, in every round heard."""
+    sc = scenario(method, rounds=2, algorithm=settings)
     tap, parts = tapped(sc, digits)
     decoder = make_decoder(sc, digits.input_shape, digits.num_classes)
     targets = decoder.targets(tap.messages())
-    assert [r for r, _ in targets] == [0, 1], decoder.counters
-    r, t = targets[0]
-    assert t.batch == 1
-    # the observation map is that of the wire: at the true image it explains the upload
+    rounds = [r for r, _ in targets]
+    if method in LAZY and settings.get("lazy", True):
+        # a lazy skip is a reply without tensors: that round has nothing to attack, and is counted
+        assert rounds[:1] == [0] and len(rounds) + decoder.counters.get("skipped_upload", 0) == 2, decoder.counters
+    else:
+        assert rounds == [0, 1], decoder.counters
     x, y = digits.train_x[parts[0]], digits.train_y[parts[0]]
-    params = {k: v.clone().requires_grad_(True) for k, v in t.params.items()}
-    grads = dict(zip(params, torch.autograd.grad(F.cross_entropy(functional_call(t.model, params, (x,)), y),
-                                                 list(params.values()))))
-    assert float(cosine_distance(t.predict(grads), t.observed)) < 0.05
-    assert infer_labels(t).tolist() == y.tolist()
+    for r, t in targets:
+        assert t.batch == 1
+        # the observation map is that of the wire: at the true image it explains the upload
+        params = {k: v.clone().requires_grad_(True) for k, v in t.params.items()}
+        grads = dict(zip(params, torch.autograd.grad(F.cross_entropy(functional_call(t.model, params, (x,)), y),
+                                                     list(params.values()))))
+        predicted = t.predict(grads)
+        assert float(cosine_distance(predicted, t.observed)) < 0.05, r
+        if method in EXACT:
+            err = sum(((predicted[k] - o) ** 2).sum() for k, o in t.observed.items()).sqrt()
+            assert float(err / sum((o ** 2).sum() for o in t.observed.values()).sqrt()) < 1e-4, r
+        assert infer_labels(t).tolist() == y.tolist(), r
 
 
-def test_laq_needs_the_accumulator_it_heard():
-    """A tap that starts listening late holds no mirror of LAQ's accumulator: no target."""
+def test_a_lazy_laq_skip_is_counted_not_attacked(digits):
+    """LAQ as published skips uploads whose innovation is small: the tap hears a reply with
+    no tensors, which the decoder counts (the server reuses the client's last Q, which is
+    not a gradient at that round's model)."""
     sc = scenario("laq", rounds=3)
+    tap, _ = tapped(sc, digits)
+    ups = [m for d, m in tap.messages() if d == "up"]
+    skips = [m for m in ups if "skip" in m.payload.meta]
+    assert skips and all(not m.payload.tensors for m in skips)
+    decoder = make_decoder(sc, digits.input_shape, digits.num_classes)
+    targets = decoder.targets(tap.messages())
+    assert decoder.counters["skipped_upload"] == len(skips)
+    assert len(targets) == len(ups) - len(skips)
+
+
+@pytest.mark.parametrize("method,settings", [("laq", {"lazy": False}), ("topk", {})])
+def test_laq_needs_the_accumulator_it_heard(method, settings):
+    """A tap that starts listening late holds no mirror of LAQ's accumulator (top-k's EF21
+    estimate): no target. (LAQ non-lazy, so the client uploads an innovation every round:
+    with the lazy rule on it skips rounds 1 and 2 here and there is no innovation to miss.)"""
+    sc = scenario(method, rounds=3, algorithm=settings)
     ds = load_dataset(sc.data, 1)
     ds.test_x, ds.test_y = ds.test_x[:32], ds.test_y[:32]
     sc.eavesdropper.rounds = [1, 3]
