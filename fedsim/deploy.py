@@ -53,6 +53,7 @@ from .clock import LoopClock, wall_time
 from .codec import Limits
 from .data import load_dataset, partition
 from .errors import DeployError
+from .guard import frame_budget
 from .models import build_model
 from .node import Stats
 from .results import EventLog, RunResult
@@ -62,10 +63,12 @@ from .scenario import Scenario
 make_keys = identity.make_keys  # the historical import path
 
 
-def _bind(context: zmq.Context, bind: str, curve, heartbeat_s: float, limits: Limits) -> Transport:
+def _bind(context: zmq.Context, bind: str, curve, heartbeat_s: float, limits: Limits,
+          max_frame_bytes: int) -> Transport:
     try:
         return Transport(router=True, address=bind, context=context, curve=curve,
-                         max_message_bytes=limits.max_message_bytes, heartbeat_s=heartbeat_s)
+                         max_message_bytes=limits.max_message_bytes, heartbeat_s=heartbeat_s,
+                         max_frame_bytes=max_frame_bytes)
     except zmq.ZMQError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise DeployError(f"--bind {bind}: address already in use (another server on that port?)", 1) from None
@@ -115,11 +118,14 @@ def serve(scenario: Scenario, bind: str, *, keys: str | Path | None = None, out_
             auth.start()
             auth.configure_curve(domain="*", location=str(Path(keys) / "clients"))
         limits = Limits()
-        transport = _bind(context, bind, server_curve if keys is not None else None, run.heartbeat, limits)
         seed = run.seed
         dataset = load_dataset(scenario.data, seed)
         model = build_model(scenario.model, dataset.input_shape, dataset.num_classes, seed)
         algorithm = make_algorithm(scenario, model)
+        # the model is known before the socket binds, so ZeroMQ itself refuses a frame larger
+        # than any tensor this run can send, before buffering it (fedsim.guard.frame_budget)
+        transport = _bind(context, bind, server_curve if keys is not None else None, run.heartbeat, limits,
+                          frame_budget(model))
         events, stats = EventLog(loop.time), Stats()
         server = ServerSide(scenario, loop, transport, dataset, model, algorithm, events, stats, limits,
                             emulate=run.emulate, session=os.urandom(8).hex())

@@ -97,7 +97,6 @@ def frame_budget(model: torch.nn.Module, *, factor: int = 8, floor: int = 1024 *
     """A bound for the server's ``Transport(max_frame_bytes=...)``: ``factor`` times the
     float32 bytes of the model's largest parameter, at least ``floor``. Every tensor a
     method sends is at most one parameter's worth (a gradient, a delta, a factor), so this
-    refuses nothing legitimate. (Not wired yet: the socket must get it before it binds,
-    and ``deploy.serve`` binds before it builds the model.)"""
+    refuses nothing legitimate. ``deploy.serve`` builds the model first and binds with it."""
     largest = max((p.numel() for p in model.parameters()), default=0)
     return max(floor, factor * 4 * largest)

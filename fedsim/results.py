@@ -10,6 +10,7 @@ import collections
 import csv
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -67,6 +68,12 @@ class EventLog:
         self._file.write(data)
         self._counts.update(event for _, event, _ in buf)
         self._written += len(buf)
+
+    def sync(self) -> None:
+        """Everything logged so far on disk (before a checkpoint names how many rows there are)."""
+        self.flush()
+        self._file.flush()
+        os.fsync(self._file.fileno())
 
     def replay(self, lines: list[str]) -> None:
         """Log rows as they were written by another log (a resumed server's first rows)."""

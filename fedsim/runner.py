@@ -184,6 +184,8 @@ class ServerSide:
         }
 
     def save_checkpoint(self) -> None:
+        if self.checkpoint_dir is not None:
+            self.events.sync()  # the rows the checkpoint counts are on disk before it is
         data = checkpoint.dumps(self.checkpoint_state())
         if self.checkpoint_dir is not None:
             checkpoint.write_atomic(self.checkpoint_dir / checkpoint.FILENAME, data)
