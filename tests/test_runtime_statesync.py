@@ -1,0 +1,65 @@
+"""State synchronisation of every stateful method through the real runtime (Simulation,
+Node, codec, emulator, roles) under wire faults and process restarts; the harness lives in
+tests/runtime_statesync.py. The fast algorithm-level machines stay in test_state_sync.py."""
+import pytest
+from hypothesis import HealthCheck, Phase, settings
+
+from fedsim.node import Node
+from tests.runtime_statesync import Runtime, runtime_machine, stateful_methods
+
+for _name in stateful_methods():
+    globals()[f"TestRuntimeStateSync_{_name}"] = runtime_machine(_name).TestCase
+
+
+def test_every_stateful_method_is_covered():
+    assert {"laq", "slaq", "powersgd", "lqsgd", "qrr", "topk", "fedlrt", "fedloru"} <= set(stateful_methods())
+
+
+def _suppression_keyed_by_client_alone(monkeypatch):
+    """Duplicate suppression that outlives the sender's session: keyed by client alone, a
+    restarted process's ids (from 1 again) are taken for replays of its predecessor's."""
+    drop_session = Node._drop_session
+
+    def keep_seen(self, peer):
+        seen = self._seen
+        try:
+            return drop_session(self, peer)
+        finally:
+            self._seen = seen
+    monkeypatch.setattr(Node, "_drop_session", keep_seen)
+
+
+def test_restart_lockout_is_caught_by_the_machine(monkeypatch):
+    """With suppression keyed by client alone, the machine fails: the server throws away
+    the restarted clients' fresh replies as duplicates."""
+    _suppression_keyed_by_client_alone(monkeypatch)
+    machine = runtime_machine("laq", max_examples=30)
+    machine.TestCase.settings = settings(machine.TestCase.settings, max_examples=30, print_blob=False, phases=[Phase.generate],
+                                         suppress_health_check=list(HealthCheck), database=None)
+    with pytest.raises(Exception) as info:
+        machine.TestCase().runTest()
+    messages = _messages(info.value)
+    assert any("duplicate" in m or "did not contribute" in m or "out of sync" in m for m in messages), messages
+
+
+def _messages(exc: BaseException) -> list[str]:
+    inner = getattr(exc, "exceptions", None)  # hypothesis reports distinct failures as a group
+    return [m for e in inner for m in _messages(e)] if inner else [f"{type(exc).__name__}: {exc}"]
+
+
+def test_restart_lockout_scripted(monkeypatch):
+    """The same failure, scripted: two rounds, a client process restart, a clean round."""
+    def script():
+        rt = Runtime("laq")
+        try:
+            rt.run_round()
+            rt.run_round()
+            rt.restart_clients()
+            rt.run_round()
+            return rt.sim.stats.counters.get("duplicate", 0), sorted(rt.gained)
+        finally:
+            rt.close()
+    assert script() == (0, [0, 1, 2])
+    _suppression_keyed_by_client_alone(monkeypatch)
+    duplicates, contributed = script()
+    assert duplicates > 0 and contributed != [0, 1, 2]
