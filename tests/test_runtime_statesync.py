@@ -16,17 +16,14 @@ def test_every_stateful_method_is_covered():
 
 
 def _suppression_keyed_by_client_alone(monkeypatch):
-    """Duplicate suppression that outlives the sender's session: keyed by client alone, a
-    restarted process's ids (from 1 again) are taken for replays of its predecessor's."""
-    drop_session = Node._drop_session
+    """Duplicate suppression keyed by client alone (not by the sender's connection and
+    session): a restarted process's ids, from 1 again, are taken for replays of its
+    predecessor's."""
+    deliver = Node._deliver
 
-    def keep_seen(self, peer):
-        seen = self._seen
-        try:
-            return drop_session(self, peer)
-        finally:
-            self._seen = seen
-    monkeypatch.setattr(Node, "_drop_session", keep_seen)
+    def by_client(self, peer, *args, **kwargs):
+        return deliver(self, b"any" if self.is_server else peer, *args, **kwargs)
+    monkeypatch.setattr(Node, "_deliver", by_client)
 
 
 def test_restart_lockout_is_caught_by_the_machine(monkeypatch):
