@@ -31,8 +31,9 @@ def test_restart_lockout_is_caught_by_the_machine(monkeypatch):
     the restarted clients' fresh replies as duplicates."""
     _suppression_keyed_by_client_alone(monkeypatch)
     machine = runtime_machine("laq", max_examples=30)
-    machine.TestCase.settings = settings(machine.TestCase.settings, max_examples=30, print_blob=False, phases=[Phase.generate], derandomize=True,
-                                         suppress_health_check=list(HealthCheck), database=None)
+    machine.TestCase.settings = settings(machine.TestCase.settings, max_examples=30, print_blob=False,
+                                         phases=[Phase.generate], derandomize=True, database=None,
+                                         suppress_health_check=list(HealthCheck))
     with pytest.raises(Exception) as info:
         machine.TestCase().runTest()
     messages = _messages(info.value)
