@@ -41,7 +41,7 @@ def main() -> None:
     modes = {"both": [False, True], "on": [True], "off": [False]}[a.curve]
     for curve in modes:
         with tempfile.TemporaryDirectory() as tmp:
-            keys = make_keys(Path(tmp) / "keys", clients=1) if curve else None
+            keys = make_keys(Path(tmp) / "keys", clients=1, n_clients=10) if curve else None
             args = ["--count", str(a.count), "--seconds", "600", "--seed", str(a.seed)]
             if keys is not None:
                 args += ["--keys", str(keys)]

@@ -312,7 +312,7 @@ def live_run(overrides: list[str], joins: list[str], *, keys: str | Path | None 
             lo, _, hi = ids.partition("-")
             client_ids = list(range(int(lo), int(hi or lo) + 1))
             t = threading.Thread(target=deploy.join, args=(scenario, address, client_ids),
-                                 kwargs={"keys": keys, "key_name": "client-0", "timeout": 300}, daemon=True)
+                                 kwargs={"keys": keys, "key_name": "client-0", "wait": 300}, daemon=True)
             t.start()
             threads.append(t)
 
