@@ -56,12 +56,14 @@ def test_flood_from_a_stranger_during_a_deadline_run_changes_nothing():
 def test_fuzz_a_live_server(tmp_path, curve, monkeypatch):
     # No bans here: every fuzzed message must reach the parser.
     monkeypatch.setattr(network.guard, "DEFAULT", network.guard.GuardConfig(rate=1e9, burst=1e9))
-    keys = make_keys(tmp_path / "keys", clients=1, n_clients=10) if curve else None  # one key hosts all ids
+    # client-0 hosts every id; client-1 is another admitted key, bound to no ids: the attacker's
+    # (banned by key when it floods, which must not touch client-0's traffic)
+    keys = make_keys(tmp_path / "keys", 2, [list(range(10)), []]) if curve else None
     overrides = BASE + ["run.rounds=40"]
     n = 10_000
     args = ["--count", str(n), "--seconds", "30", "--seed", str(int(curve))]
     if curve:
-        args += ["--keys", str(keys)]
+        args += ["--keys", str(keys), "--key-name", "client-1"]
     fuzz = live_run(overrides, JOINS, keys=keys, attack=lambda address, go: attacker(address, "fuzz", *args, go_file=go))
     s = fuzz["summary"]
     assert fuzz["attack"]["sent"] == n, fuzz["attack"]
