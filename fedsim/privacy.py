@@ -191,7 +191,7 @@ def run_tapped(scenario, dataset=None, parts: list[torch.Tensor] | None = None):
     from .clock import new_loop
     from .data import load_dataset, partition
     from .models import build_model
-    from .runner import Simulation, make_algorithm, quiet_gc, summarise
+    from .runner import Simulation, close_simulation, make_algorithm, quiet_gc, summarise
 
     cfg = scenario.eavesdropper or EavesdropperConfig()
     seed = scenario.run.seed
@@ -212,14 +212,7 @@ def run_tapped(scenario, dataset=None, parts: list[torch.Tensor] | None = None):
         with quiet_gc():
             loop.run_until_complete(sim.main(None))
     finally:
-        if sim is not None:
-            sim.close()
-        for task in asyncio.all_tasks(loop):
-            task.cancel()
-        loop.run_until_complete(asyncio.sleep(0))
-        asyncio.set_event_loop(None)
-        loop.close()
-        torch.set_num_threads(threads)
+        close_simulation(loop, sim, threads)
     return summarise(sim, 0.0).summary, tap, dataset, parts
 
 

@@ -447,6 +447,19 @@ def make_algorithm(scenario: Scenario, model: torch.nn.Module) -> Algorithm:
         raise ScenarioError(f"algorithm.{exc.key}", exc.value, exc.reason, source=scenario.source) from None
 
 
+def close_simulation(loop: asyncio.AbstractEventLoop, sim: "Simulation | None", threads: int) -> None:
+    """Tear down a single-process run: its sockets, leftover tasks, the loop, and the torch
+    thread count it changed."""
+    if sim is not None:
+        sim.close()
+    for task in asyncio.all_tasks(loop):
+        task.cancel()
+    loop.run_until_complete(asyncio.sleep(0))
+    asyncio.set_event_loop(None)
+    loop.close()
+    torch.set_num_threads(threads)
+
+
 def _stop_on_interrupt(loop: asyncio.AbstractEventLoop, server: ServerSide) -> None:
     """First Ctrl-C: finish the current round, then stop and write what there is. A
     second one interrupts at once (the default handler is back)."""
@@ -491,14 +504,7 @@ def run(scenario: Scenario, out_dir: str | Path | None = None, progress: Progres
     finally:
         with contextlib.suppress(ValueError, RuntimeError):
             loop.remove_signal_handler(signal.SIGINT)
-        if sim is not None:
-            sim.close()
-        for task in asyncio.all_tasks(loop):
-            task.cancel()
-        loop.run_until_complete(asyncio.sleep(0))
-        asyncio.set_event_loop(None)
-        loop.close()
-        torch.set_num_threads(threads)
+        close_simulation(loop, sim, threads)
     result = summarise(sim, wall_time() - wall_start)
     result.summary["interrupted"] = sim.server.stop_requested and sim.server.next_round < scenario.run.rounds
     result.summary["restarts"] = sim.server.restarts
