@@ -116,12 +116,56 @@ def sweep(scenario_path: str | None, bandwidths: list[str], algorithms: list[str
         for i, (_, _, _, ov) in enumerate(plans):
             finish(i, run_cell(path, ov))
     else:
-        import concurrent.futures as cf
-        with cf.ProcessPoolExecutor(max_workers=min(jobs, len(plans)), mp_context=_process_context()) as pool:
-            futures = {pool.submit(run_cell, path, ov): i for i, (_, _, _, ov) in enumerate(plans)}
-            for fut in cf.as_completed(futures):
-                finish(futures[fut], fut.result())
+        _local_pool(path, plans, jobs, finish)
     return [c for c in cells if c is not None]
+
+
+def _local_pool(path: str | None, plans: list, jobs: int, finish: Callable[[int, dict], None]) -> None:
+    """Run cells in ``jobs - 1`` worker processes and in this process too.
+
+    A worker needs a few seconds to import torch before its first cell; this process has
+    it loaded already and starts at once. Cells are handed out one at a time, in grid
+    order, to whoever is free (a feeder thread per worker waits on it). Each cell is a
+    whole, independent run: where it runs changes nothing in its summary.
+    """
+    import concurrent.futures as cf
+    import threading
+    pending = list(reversed(range(len(plans))))  # pop() hands out cells in grid order
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    def next_cell() -> int | None:
+        with lock:
+            return pending.pop() if pending and not failures else None
+
+    def done(i: int, summary: dict) -> None:
+        with lock:
+            finish(i, summary)
+
+    with cf.ProcessPoolExecutor(max_workers=min(jobs - 1, len(plans)), mp_context=_process_context()) as pool:
+        def feed() -> None:
+            try:
+                while (i := next_cell()) is not None:
+                    done(i, pool.submit(run_cell, path, plans[i][3]).result())
+            except BaseException as e:  # re-raised in the caller's thread below
+                with lock:
+                    failures.append(e)
+
+        feeders = [threading.Thread(target=feed, daemon=True) for _ in range(min(jobs - 1, len(plans)))]
+        for t in feeders:
+            t.start()
+        try:
+            while (i := next_cell()) is not None:
+                done(i, run_cell(path, plans[i][3]))
+        except BaseException:  # Ctrl-C or a failed cell: hand out nothing more
+            with lock:
+                pending.clear()
+            raise
+        finally:
+            for t in feeders:
+                t.join()
+    if failures:
+        raise failures[0]
 
 
 def _process_context():
