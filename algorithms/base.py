@@ -19,7 +19,7 @@ import dataclasses
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Protocol
+from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -139,6 +139,7 @@ class ClientContext(Protocol):
 
 
 Handler = Callable[[ClientContext, Payload], "Payload | None"]
+BatchHandler = Callable[[Sequence[ClientContext], Sequence[Payload]], "list[Payload | None | ProtocolError]"]
 
 
 class Algorithm(ABC):
@@ -176,6 +177,15 @@ class Algorithm(ABC):
     @abstractmethod
     def client_handlers(self) -> Mapping[str, Handler]:
         """Message kind -> client handler."""
+
+    def client_batch_handlers(self) -> Mapping[str, BatchHandler]:
+        """Message kind -> a handler for many clients at once (optional).
+
+        The runtime may hand a batch handler every message of that kind that its clients
+        received at one instant of virtual time; it must return, per message and in order,
+        what the plain handler would (a payload, ``None``, or the :class:`ProtocolError`
+        it would raise), up to float rounding. Default: none (one client at a time)."""
+        return {}
 
     def check_reply(self, kind: str, payload: Payload) -> None:
         """Validate a client's reply before the server uses it; raise :class:`ProtocolError`.

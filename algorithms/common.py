@@ -89,6 +89,40 @@ def local_sgd(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor
     return current, seen
 
 
+def local_sgd_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor], ys: list[torch.Tensor],
+                   generators: list[torch.Generator], *, lr: float, epochs: int,
+                   batch_size: int) -> list[tuple[Params, int]]:
+    """:func:`local_sgd` for many clients (``starts[i]`` on ``xs[i], ys[i]``), in order.
+
+    Clients holding the same number of samples train stacked when the model is small
+    enough to win from it (:func:`algorithms.fastpath.stackable`); the rest one at a time."""
+    out: list[tuple[Params, int] | None] = [None] * len(starts)
+    plan = fastpath.plan(model)
+    by_size: dict[int, list[int]] = {}
+    for i, (start, x) in enumerate(zip(starts, xs)):
+        if x.shape[0] > 0 and fastpath.stackable(plan, start):
+            by_size.setdefault(x.shape[0], []).append(i)
+        else:
+            out[i] = local_sgd(model, start, x, ys[i], lr=lr, epochs=epochs, batch_size=batch_size,
+                               generator=generators[i])
+    for n, members in by_size.items():
+        chunk = fastpath.stack_chunk(plan, starts[members[0]])
+        for c in range(0, len(members), chunk):
+            group = members[c:c + chunk]
+            if len(group) == 1:
+                i = group[0]
+                out[i] = local_sgd(model, starts[i], xs[i], ys[i], lr=lr, epochs=epochs, batch_size=batch_size,
+                                   generator=generators[i])
+                continue
+            trained = fastpath.sgd_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
+                                           [ys[i] for i in group], [generators[i] for i in group],
+                                           epochs=epochs, batch_size=batch_size, lr=lr)
+            for i, params in zip(group, trained):
+                # names the plan does not read (none on the covered models) pass through, as copies
+                out[i] = ({k: params[k] if k in params else v.clone() for k, v in starts[i].items()}, epochs * n)
+    return out  # type: ignore[return-value]
+
+
 def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Sum in the given (client-id) order so the result does not depend on arrival order."""
     total = float(sum(weights))

@@ -279,3 +279,79 @@ def sgd_steps(plan: Plan, params: Params, x: torch.Tensor, y: torch.Tensor, batc
             _step(plan, params, x.index_select(0, idx), y.index_select(0, idx), lr, False)
             seen += idx.shape[0]
     return seen
+
+
+# --------------------------------------------------------------------------- many clients at once
+
+STACK_MAX_PARAMS = 20_000
+"""Dense models up to this many parameters train stacked across clients (:func:`sgd_stacked`).
+
+Measured here (``bench/vectorised.py``, one thread): stacking wins where per-operation
+overhead dominates (the ``logistic`` models and the digits MLP: a few thousand weights, a
+handful of samples a step); on the 784-200-10 MLP (159k weights) a stack of 100 copies
+(63 MB) falls out of cache and the per-client weight updates become memory-bound, so the
+lean one-client-at-a-time step is faster there (issue 14's probe: 0.43-0.52 s against
+0.22-0.43 s a round)."""
+STACK_MAX_FLOATS = 4_000_000
+"""At most this many floats of stacked weights in one chunk (16 MB), whatever the clients."""
+
+
+def stackable(plan: Plan | None, params: Params) -> bool:
+    """True when clients starting from ``params`` may train stacked (:func:`sgd_stacked`)."""
+    return (isinstance(plan, DensePlan) and covers(plan, params)
+            and sum(params[n].numel() for n in names(plan)) <= STACK_MAX_PARAMS)
+
+
+def stack_chunk(plan: DensePlan, params: Params) -> int:
+    """How many clients to stack at once."""
+    return max(1, STACK_MAX_FLOATS // max(1, sum(params[n].numel() for n in names(plan))))
+
+
+def sgd_stacked(plan: DensePlan, starts: list[Params], xs: list[torch.Tensor], ys: list[torch.Tensor],
+                generators: list[torch.Generator], *, epochs: int, batch_size: int, lr: float) -> list[Params]:
+    """Local SGD of B clients at once, each from its own ``starts[i]`` on its own data, with
+    its own shuffles: what :func:`sgd_steps` does for each client (the same minibatches,
+    drawn from the same generators in the same order), stacked into batched matrix products.
+
+    Every client must hold the same number of samples (the same steps and batch sizes).
+    Returns each client's trained parameters (views into the stacked tensors)."""
+    b = len(starts)
+    n = xs[0].shape[0]
+    params = {k: torch.stack([s[k] for s in starts]) for k in names(plan)}
+    x = torch.stack([v.reshape(n, -1) for v in xs]).reshape(b * n, -1)
+    y = torch.stack(ys).reshape(b * n)
+    offsets = (torch.arange(b) * n).unsqueeze(1)
+    with torch.no_grad():
+        for _ in range(epochs):
+            # minibatches(): one permutation per client and epoch, sliced in order
+            perms = torch.stack([torch.randperm(n, generator=g) for g in generators]).add_(offsets)
+            for start in range(0, n, batch_size):
+                rows = perms[:, start:start + batch_size]
+                flat = rows.reshape(-1)
+                _stacked_step(plan.layers, params, x.index_select(0, flat).view(b, rows.shape[1], -1),
+                              y.index_select(0, flat).view(b, rows.shape[1]), lr)
+    return [{k: v[i] for k, v in params.items()} for i in range(b)]
+
+
+def _stacked_step(layers, params: Params, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
+    """One SGD step of every client of a stack ([clients, batch, features] inputs), in place."""
+    acts = [x]
+    h = x
+    last = len(layers) - 1
+    for i, (w, b) in enumerate(layers):
+        h = torch.baddbmm(params[b].unsqueeze(1), h, params[w].transpose(1, 2))
+        if i < last:
+            h.clamp_min_(0.0)
+        acts.append(h)
+    batch = x.shape[1]
+    g = torch.softmax(acts[-1], 2)
+    g.scatter_add_(2, y.unsqueeze(2), torch.full(y.shape + (1,), -1.0, dtype=g.dtype))
+    g.mul_(1.0 / batch)
+    for i in range(len(layers) - 1, -1, -1):
+        w, b = layers[i]
+        a = acts[i]
+        g_in = torch.bmm(g, params[w]) if i > 0 else None  # with the weights before this step
+        params[w].baddbmm_(g.transpose(1, 2), a, alpha=-lr)
+        params[b].sub_(g.sum(1), alpha=lr)
+        if i > 0:
+            g = g_in.masked_fill_(a <= 0, 0.0)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Algorithm, Payload, ProtocolError, check, check_int, register
-from .common import check_like, dense_bits, local_sgd, weighted_mean
+from .common import check_like, dense_bits, local_sgd, local_sgd_many, weighted_mean
 
 
 @register
@@ -54,11 +54,36 @@ class FedAvg(Algorithm):
     def client_handlers(self):
         return {"model": self.on_model}
 
+    def client_batch_handlers(self):
+        return {"model": self.on_model_batch}
+
     def on_model(self, ctx, payload: Payload) -> Payload:
         check_like(payload, self.params, "fedavg model", finite=False)
         cfg = self.config
         trained, seen = local_sgd(ctx.model, payload.tensors, ctx.x, ctx.y, lr=cfg.lr, epochs=cfg.local_epochs,
                                   batch_size=cfg.batch_size, generator=ctx.generator)
+        return self._delta(ctx, payload, trained, seen)
+
+    def on_model_batch(self, ctxs, payloads) -> list:
+        """``on_model`` for the clients that received the model at one instant (stacked
+        where the model is small, :func:`local_sgd_many`)."""
+        out: list = [None] * len(ctxs)
+        ok = []
+        for i, payload in enumerate(payloads):
+            try:
+                check_like(payload, self.params, "fedavg model", finite=False)
+                ok.append(i)
+            except ProtocolError as exc:
+                out[i] = exc
+        cfg = self.config
+        trained = local_sgd_many(ctxs[0].model if ctxs else self.model, [payloads[i].tensors for i in ok],
+                                 [ctxs[i].x for i in ok], [ctxs[i].y for i in ok], [ctxs[i].generator for i in ok],
+                                 lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
+        for i, (params, seen) in zip(ok, trained):
+            out[i] = self._delta(ctxs[i], payloads[i], params, seen)
+        return out
+
+    def _delta(self, ctx, payload: Payload, trained, seen: int) -> Payload:
         ctx.charge(seen)
         torch._foreach_sub_(list(trained.values()), [payload.tensors[k] for k in trained])  # in place: trained is ours
         delta = trained

@@ -13,6 +13,7 @@ from torch import nn
 
 from algorithms.base import Algorithm, Payload, ProtocolError
 
+from .batching import ComputeBatcher
 from .clock import wall_time
 from .codec import SERVER, Message
 from .node import Actor, Node, Stats
@@ -61,6 +62,10 @@ class ClientRole(Actor):
         self.seed, self.work_per_sample, self.compute_time = seed, work_per_sample, compute_time
         self.real_time, self.stats, self.log = real_time, stats, log
         self.handlers = algorithm.client_handlers()
+        self.batcher: ComputeBatcher | None = None
+        """Set by the node's owner (virtual time, fast compute): then the kinds with a batch
+        handler are computed together with the other clients of the same instant."""
+        self.batch_handlers = algorithm.client_batch_handlers()
         self._seed_prefix_crc = zlib.crc32(f"{seed}/{client_id}/".encode())
         self.crashed = False
         self.busy = False
@@ -155,17 +160,32 @@ class ClientRole(Actor):
             ctx = ClientCtx(self.actor_id, msg.round, self.model, self.data.x, self.data.y, self._generator(msg),
                             self.data.state, self.work_per_sample)
             started = max(arrived, self.free_since)
+            batch = self.batch_handlers.get(msg.kind) if self.batcher is not None else None
+            if batch is not None:  # done with the other clients of this instant (fedsim.batching)
+                self.busy = True
+                self.batcher.submit(batch, self, msg, ctx, started)
+                return
             try:
                 reply = handler(ctx, msg.payload)
             except ProtocolError as exc:
-                self.stats.count("client_refused")
-                self.log("client_refused", client=self.actor_id, kind=msg.kind, reason=str(exc)[:200])
-                continue
-            seconds = self.compute_time(self.actor_id, ctx.work_flop, msg.round)
-            if self.real_time:
-                seconds = max(0.0, seconds - (wall_time() - started))
-            self.busy = True
-            asyncio.get_running_loop().call_later(seconds, self._finish, msg, reply, self.epoch)
+                reply = exc
+            self.handled(msg, ctx, reply, started)
+
+    def handled(self, msg: Message, ctx: ClientCtx, reply: Payload | None | ProtocolError, started: float) -> None:
+        """A handler's outcome: the reply leaves after the modelled compute time; a refusal is
+        logged and the next message in the mailbox is taken."""
+        if isinstance(reply, ProtocolError):
+            self.stats.count("client_refused")
+            self.log("client_refused", client=self.actor_id, kind=msg.kind, reason=str(reply)[:200])
+            if self.busy:  # a batched job: this client waited for it
+                self.busy = False
+                self._next()
+            return
+        seconds = self.compute_time(self.actor_id, ctx.work_flop, msg.round)
+        if self.real_time:
+            seconds = max(0.0, seconds - (wall_time() - started))
+        self.busy = True
+        asyncio.get_running_loop().call_later(seconds, self._finish, msg, reply, self.epoch)
 
     def _finish(self, msg: Message, reply: Payload | None, epoch: int) -> None:
         if epoch != self.epoch:  # crashed while computing: the work is lost

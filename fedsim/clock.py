@@ -42,6 +42,8 @@ class _VirtualSelector(selectors.DefaultSelector):  # type: ignore[misc, valid-t
         if loop.in_flight() > 0:
             loop.drain_transports()
             return []
+        if loop.run_instant_end():
+            return []
         if timeout is None:
             raise VirtualClockStalled(f"virtual clock stalled at t={loop.time():.6f}s: nothing scheduled and no message in flight")
         loop.advance_to_next_timer()
@@ -54,10 +56,27 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         self._now = 0.0
         self.transports: list[Drainable] = []
+        self._instant_end: list[Callable[[], None]] = []
         super().__init__(_VirtualSelector(self))
 
     def time(self) -> float:
         return self._now
+
+    def at_instant_end(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the current instant has nothing else to do (no ready
+        callback, no timer due, no message in flight), before the clock moves on. Work
+        that many actors start at one instant (a broadcast's arrival) is collected this
+        way and done together (``fedsim.batching``)."""
+        self._instant_end.append(callback)
+
+    def run_instant_end(self) -> bool:
+        """Queue the instant-end callbacks as ready ones; False when there were none."""
+        if not self._instant_end:
+            return False
+        callbacks, self._instant_end = self._instant_end, []
+        for callback in callbacks:
+            self.call_soon(callback)
+        return True
 
     def in_flight(self) -> int:
         """Messages sent by a transport of this process but not yet received (or queued)."""

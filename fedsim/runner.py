@@ -28,6 +28,7 @@ from network.emulator import Emulator
 from network.transport import Transport
 
 from . import checkpoint
+from .batching import ComputeBatcher
 from .client import ClientData, ClientRole
 from .codec import SERVER as SERVER_ID
 from .clock import LoopClock, VirtualTimeLoop, new_loop, wall_time
@@ -278,6 +279,10 @@ class ClientSide:
                           real_time=run.clock == "real", stats=stats, log=events)
             for i in client_ids
         }
+        if run.vectorise and run.batch_clients and isinstance(loop, VirtualTimeLoop):
+            batcher = ComputeBatcher(loop)
+            for client in self.clients.values():
+                client.batcher = batcher
         self.rollbacks: collections.Counter[str] = collections.Counter()
         self.node.on_welcome = self.on_welcome
 

@@ -66,6 +66,10 @@ class RunConfig:
     """Fast client compute (``algorithms.fastpath``): client steps on the shipped models skip
     autograd. ``false`` keeps the plain autograd path (the reference); results agree to float
     rounding, messages, bytes and modelled compute time are the same."""
+    batch_clients: bool = True
+    """With ``vectorise`` in virtual time: the clients that receive a message at the same
+    instant are computed together where the method offers it (``fedsim.batching``; stacked
+    local SGD for small dense models). ``false`` computes them one at a time."""
 
     def __post_init__(self) -> None:
         _expect(isinstance(self.seed, int) and not isinstance(self.seed, bool), "run.seed", self.seed, "must be an integer")
@@ -86,6 +90,7 @@ class RunConfig:
                 f"must be at least twice run.heartbeat ({self.heartbeat:g}s)")
         _expect(isinstance(self.threads, int) and self.threads >= 1, "run.threads", self.threads, "must be an integer >= 1")
         _expect(isinstance(self.vectorise, bool), "run.vectorise", self.vectorise, "must be true or false")
+        _expect(isinstance(self.batch_clients, bool), "run.batch_clients", self.batch_clients, "must be true or false")
 
 
 @dataclass

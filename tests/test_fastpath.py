@@ -152,3 +152,70 @@ def test_truncated_svds_of_a_low_rank_gradient():
     torch.testing.assert_close((ur * sr) @ vhr, low, rtol=1e-4, atol=1e-4)
     randomized_svd(full, 10, g2)
     assert torch.equal(torch.randn(3, generator=g1), torch.randn(3, generator=g2))
+
+
+# --------------------------------------------------------------------------- many clients at once
+
+@pytest.mark.parametrize("kind,cfg,shape", MODELS[:2], ids=[m[0] for m in MODELS[:2]])
+def test_stacked_sgd_matches_one_client_at_a_time(kind, cfg, shape):
+    """sgd_stacked = sgd_steps per client: same shuffles (from each client's generator), same
+    steps, each client from its own start, to float rounding; an uneven last batch included."""
+    torch.manual_seed(0)
+    model = build_model(cfg, shape, 3, seed=1)
+    plan = fastpath.plan(model)
+    clients, n = 5, 23  # 23 samples, batch 8: steps of 8, 8, 7
+    starts = [{k: v.detach() + 0.01 * i for k, v in model.named_parameters()} for i in range(clients)]
+    xs = [torch.randn(n, *shape) for _ in range(clients)]
+    ys = [torch.randint(0, 3, (n,)) for _ in range(clients)]
+    stacked = fastpath.sgd_stacked(plan, starts, xs, ys, [torch.Generator().manual_seed(i) for i in range(clients)],
+                                   epochs=2, batch_size=8, lr=0.1)
+    for i in range(clients):
+        one, seen = local_sgd(model, starts[i], xs[i], ys[i], lr=0.1, epochs=2, batch_size=8,
+                              generator=torch.Generator().manual_seed(i))
+        assert seen == 2 * n
+        _close({k: stacked[i][k] for k in one}, one)
+
+
+def test_stackable_is_for_small_dense_models_only():
+    small = build_model(ModelConfig(kind="mlp", hidden=[16]), (1, 8, 8), 10, seed=1)
+    wide = build_model(ModelConfig(kind="mlp", hidden=[200]), (784,), 10, seed=1)
+    assert fastpath.stackable(fastpath.plan(small), dict(small.named_parameters()))
+    assert not fastpath.stackable(fastpath.plan(wide), dict(wide.named_parameters()))
+    assert not fastpath.stackable(None, dict(small.named_parameters()))
+
+
+def _batching_scenario(batch: bool, *extra: str):
+    return load_scenario(None, ["data.clients=12", "data.dataset=digits",
+                                "model.kind=mlp", "model.hidden=[16]", "algorithm.name=fedavg", "run.rounds=3",
+                                "algorithm.local_epochs=2", f"run.batch_clients={str(batch).lower()}", *extra])
+
+
+@pytest.mark.parametrize("extra", [("data.partition=iid",),
+                                   ("data.partition=dirichlet", "network.uplink=1Mbps", "network.downlink=5Mbps")],
+                         ids=["iid", "dirichlet-slow-links"])
+def test_clients_of_an_instant_computed_together_change_nothing_observable(extra, monkeypatch):
+    """Clients trained together at the broadcast's instant (equal sizes: stacked; unequal
+    sizes, Dirichlet: grouped by size): the same messages, bytes, times and events as one at
+    a time; the same model to float tolerance; and the batch path really ran."""
+    import fedsim.batching as batching
+    flushed, stacked = [], []
+    flush, sgd_stacked = batching.ComputeBatcher.flush, fastpath.sgd_stacked
+    monkeypatch.setattr(batching.ComputeBatcher, "flush", lambda self: (flushed.append(len(self.jobs)), flush(self)))
+    monkeypatch.setattr(fastpath, "sgd_stacked", lambda plan, starts, *a, **k: (stacked.append(len(starts)),
+                                                                              sgd_stacked(plan, starts, *a, **k))[1])
+    together = run(_batching_scenario(True, *extra))
+    monkeypatch.undo()
+    alone = run(_batching_scenario(False, *extra))
+    assert flushed and max(flushed) > 1
+    if "data.partition=iid" in extra:  # Dirichlet sizes all differ here: one client per size group
+        assert stacked and max(stacked) > 1
+    assert _observable(together) == _observable(alone)
+    _close(together.final_params, alone.final_params, tol=1e-4)
+    again = run(_batching_scenario(True, *extra))
+    assert again.summary["model_sha256"] == together.summary["model_sha256"]
+
+
+def test_batch_clients_must_be_a_bool():
+    from fedsim.errors import ScenarioError
+    with pytest.raises(ScenarioError, match="run.batch_clients"):
+        load_scenario(None, ["run.batch_clients=yes"])
