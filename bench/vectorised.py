@@ -1,16 +1,21 @@
 """Fast client compute vs the plain path vs a bare PyTorch loop, side by side in one process.
 
-Workload (the usual peer-framework benchmark): FedAvg, MLP 784-200-10 (159k parameters,
-636 KB a message), synthetic 784-feature data, 100 samples a client, 1 local epoch, batch 32,
-lr 0.05, 5 rounds; 100 clients, then 1,000 (3 rounds there, to keep the script short).
+Workloads: ``mlp784`` (the usual peer-framework benchmark): FedAvg, MLP 784-200-10 (159k
+parameters, 636 KB a message), synthetic 784-feature data, 100 samples a client, 1 local
+epoch, batch 32, lr 0.05, 5 rounds; 100 clients, then 1,000 (3 rounds there, to keep the
+script short). ``digits``: the same on the 8x8 digits with an MLP 64 (4,810 parameters).
 
 * **bare**: a plain sequential PyTorch loop (``bench/overhead.py``): load_state_dict,
   torch.optim.SGD, autograd, no actors, no codec, no network;
 * **fedsim plain**: ``run.vectorise = false``: every client step through autograd;
-* **fedsim fast**: ``run.vectorise = true`` (the default): what fedsim picks on this hardware.
-  On a CPU that is the lean per-client step of :mod:`algorithms.fastpath` (hand-written
-  forward/backward, the gradient folded into the update). Stacking clients into ``bmm``s
-  loses on a CPU (100 copies of the model leave the cache; see docs/architecture.md).
+* **fedsim lean, one at a time**: ``run.vectorise = true, run.batch_clients = false``: the
+  lean per-client step of :mod:`algorithms.fastpath` (hand-written forward/backward, the
+  gradient folded into the update);
+* **fedsim fast**: the defaults: what fedsim picks on this hardware. The clients a broadcast
+  reaches at one instant are trained together (``fedsim.batching``), stacked into ``bmm``s
+  when the model is small (``fastpath.STACK_MAX_FLOATS``: a few clients at a time on the 784-200-10 MLP), else one at a time with the lean
+  step. The 784-200-10 MLP stacks 4 clients at a time (100 stacked copies, 63 MB, leave
+  the cache and lose on a CPU); the ``digits`` MLP 64 stacks all 100.
 
 The **steady round** is the median wall time between consecutive round ends (training,
 messages, aggregation and evaluation of a round; data generation and setup excluded, and the
@@ -20,7 +25,7 @@ read the ratios. Final accuracies: fedsim plain and fast must agree to float tol
 seeds, same minibatches; the largest parameter difference is printed); the bare loop
 shuffles with its own seeds, so it agrees within noise only.
 
-Run: python bench/vectorised.py [--repeats 3] [--clients 100 1000]
+Run: python bench/vectorised.py [--repeats 3] [--clients 100 1000] [--workload mlp784|digits|both]
 """
 from __future__ import annotations
 
@@ -69,11 +74,13 @@ def steady(marks: list[float]) -> float:
     return statistics.median(b - a for a, b in zip(marks, marks[1:]))
 
 
-def measure(clients: int, rounds: int, repeats: int) -> dict:
-    base = overhead.workload("mlp784", clients, [f"run.rounds={rounds}"])
+def measure(workload: str, clients: int, rounds: int, repeats: int) -> dict:
+    base = overhead.workload(workload, clients, [f"run.rounds={rounds}"])
     sides = {
         "bare loop": (_bare, load_scenario(None, base)),
         "fedsim plain": (_fedsim, load_scenario(None, base + ["run.vectorise=false"])),
+        "fedsim lean, one at a time": (_fedsim, load_scenario(None, base + ["run.vectorise=true",
+                                                                              "run.batch_clients=false"])),
         "fedsim fast": (_fedsim, load_scenario(None, base + ["run.vectorise=true"])),
     }
     rounds_s: dict[str, list[float]] = {k: [] for k in sides}
@@ -92,26 +99,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--workload", choices=["mlp784", "digits", "both"], default="both",
+                    help="mlp784: the 784-200-10 MLP (lean steps, no stacking); digits: MLP 64 on the 8x8 digits "
+                         "(small enough to stack)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     # Generate each synthetic data set once for all sides (setup is not what is compared).
     fedsim.runner.load_dataset = overhead.load_dataset = _cached_load
     console = Console()
-    for clients in args.clients:
+    workloads = ["mlp784", "digits"] if args.workload == "both" else [args.workload]
+    for workload, clients in [(w, c) for w in workloads for c in args.clients]:
+        if workload == "digits" and clients > 1000:
+            continue
         rounds = 5 if clients <= 100 else 3
         repeats = args.repeats if clients <= 100 else 1
-        res = measure(clients, rounds, repeats)
+        res = measure(workload, clients, rounds, repeats)
         med = {k: statistics.median(v) for k, v in res["rounds"].items()}
-        table = Table(title=f"bench/vectorised.py: FedAvg, MLP 784-200-10, {clients} clients x 100 samples, 1 epoch, "
-                            f"batch 32, lr 0.05, {rounds} rounds; steady round, median of {repeats} (CPU, 1 thread, "
-                            f"shared machine)")
+        what = ("MLP 784-200-10, {c} clients x 100 samples, 1 epoch, batch 32, lr 0.05" if workload == "mlp784" else
+                "MLP 64 on the 8x8 digits, {c} clients (1,437 samples split evenly), 1 epoch, batch 32, lr 0.1")
+        table = Table(title=f"bench/vectorised.py: FedAvg, {what.format(c=clients)}, {rounds} rounds; steady round, "
+                            f"median of {repeats} (CPU, 1 thread, shared machine)")
         for col in ("path", "steady round (s)", "all repeats (s)", "/ bare loop", "final accuracy"):
             table.add_column(col)
         for k, v in res["rounds"].items():
             table.add_row(k, f"{med[k]:.3f}", " ".join(f"{t:.3f}" for t in v), f"{med[k] / med['bare loop']:.2f}",
                           f"{res['accs'][k]:.4f}")
         console.print(table)
-        print(f"clients={clients}: fast/bare={med['fedsim fast'] / med['bare loop']:.2f} (target <= 0.5) "
+        print(f"{workload} clients={clients}: fast/bare={med['fedsim fast'] / med['bare loop']:.2f} (target <= 0.5) "
               f"plain/bare={med['fedsim plain'] / med['bare loop']:.2f} "
               f"max |fast - plain| parameter={res['param_diff']:.2e}")
     if torch.cuda.is_available():

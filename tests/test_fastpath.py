@@ -178,7 +178,7 @@ def test_stacked_sgd_matches_one_client_at_a_time(kind, cfg, shape):
 
 def test_stackable_is_for_small_dense_models_only():
     small = build_model(ModelConfig(kind="mlp", hidden=[16]), (1, 8, 8), 10, seed=1)
-    wide = build_model(ModelConfig(kind="mlp", hidden=[200]), (784,), 10, seed=1)
+    wide = build_model(ModelConfig(kind="mlp", hidden=[1000]), (784,), 10, seed=1)  # 795k weights
     assert fastpath.stackable(fastpath.plan(small), dict(small.named_parameters()))
     assert not fastpath.stackable(fastpath.plan(wide), dict(wide.named_parameters()))
     assert not fastpath.stackable(None, dict(small.named_parameters()))
