@@ -21,8 +21,9 @@ not do this: its delayed-ACK timeout starts at 40 ms and follows the inter-arriv
 its RTO is srtt + max(4 rttvar, 200 ms), it undoes spurious timeouts (timestamps, F-RTO)
 and it grows the window on every ACK in the loss state.
 
-Run: python bench/validate_ns3.py's extra (pip install .[validate]), then
-     python bench/ns3_rto_probe.py        (about 1-2 minutes on 2 shared cores)
+Needs ns-3, the optional extra of bench/validate_ns3.py (pip install '.[validate]').
+Run: python bench/ns3_rto_probe.py        (about 1-2 minutes on 2 shared cores; the table is
+                                            in docs/network-model.md section 10)
 """
 from __future__ import annotations
 

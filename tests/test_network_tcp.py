@@ -211,7 +211,7 @@ def test_long_transfer_settles_at_the_response_function(congestion):
 
 def test_short_transfer_keeps_its_slow_start_under_loss():
     """The issue's case: 6.4 MB over 100 Mbps, 25 ms, 0.1 % loss. The steady-state cap
-    (8.9 Mbit/s) would make it ~6 s; the window model lets slow start carry most of it,
+    (9.1 Mbit/s at the loss event rate) would make it ~5.6 s; the window model lets slow start carry most of it,
     and the 4-5 loss events cut the window only a few times."""
     em, clock, _ = make({"uplink": "10Gbps", "downlink": "10Gbps", "latency": "25ms", "loss": 0.001,
                          "server": {"downlink": "100Mbps"}}, security="tcp")
