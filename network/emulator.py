@@ -290,8 +290,8 @@ class Emulator:
         """Long-run TCP throughput (bits/s) of a flow on this link: the response function of
         ``network.tcp.congestion`` (CUBIC's, or Padhye's for Reno) at the link's loss *event*
         rate (:func:`network.models.loss_event_rate`: the losses among one window in flight
-        are one event) and the round trip over both of the client's links. The transfer model does not cap flows
-        with it: the per-round window (:class:`network.models.TcpWindow`) converges to it on
+        are one event) and the round trip over both of the client's links. The transfer
+        model does not cap flows with it: the per-round window (:class:`network.models.TcpWindow`) converges to it on
         long transfers, and this is its closed form (reported, and checked by the tests).
 
         Cached per link (cleared by :meth:`_refresh_caps` when a set_link or a burst

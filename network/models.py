@@ -156,8 +156,8 @@ class TcpWindow:
     detected (the round's) is one loss event (one SACK recovery, one window reduction):
     events come every ``1/p + W`` segments, so a long transfer converges to the response
     function (``cubic_window``; Mathis' sqrt(3/2p) for Reno) at the loss event rate
-    (``loss_event_rate``), while a short one keeps the window slow start gave it. A loss event is a
-    retransmission timeout with Padhye's probability Q(w) = min(1, 3/w): the connection
+    (``loss_event_rate``), while a short one keeps the window slow start gave it. A loss
+    event is a retransmission timeout with Padhye's probability Q(w) = min(1, 3/w): the connection
     stalls for that share of the RTO (in expectation; backoff is not modelled).
     """
 
@@ -279,7 +279,7 @@ def loss_event_rate(p: float, window: "Callable[[float], float]") -> float:
 
     (RFC 5348's loss event rate: losses within a round trip of the first are one event.)
     With Reno's W = sqrt(3/(2 p_e)) it is closed form: sqrt(p_e) = (sqrt(1.5 p^2 + 4p) -
-    p sqrt(1.5)) / 2. 0 for p <= 0; p itself for p >= 1."""
+    p sqrt(1.5)) / 2. 0 for p <= 0; 1 for p >= 1."""
     if p <= 0:
         return 0.0
     if p >= 1:
