@@ -4,8 +4,10 @@ Each case: N senders upload one message each, all starting at once, through one 
 bottleneck to one receiver. ns-3 (the ``ns3`` package, ``pip install .[validate]``) runs it
 packet by packet: point-to-point links, a drop-tail queue of max(1 BDP, 100) packets at the
 bottleneck, TCP CUBIC with HyStart as ns-3 ships it, MSS 1448 (timestamps on, 52-byte
-headers), initial window 10, SACK, min RTO 200 ms, loss as independent packet drops on the
-bottleneck's data direction. Every sender opens a new connection (its SYN round trip counts).
+headers), initial window 10, SACK, min RTO 200 ms, delayed ACKs every 2 segments or 40 ms
+(Linux's minimum ACK timeout; ns-3's default 200 ms sends a one-segment window into spurious
+timeouts, see bench/ns3_rto_probe.py), loss as independent packet drops on the bottleneck's
+data direction. Every sender opens a new connection (its SYN round trip counts).
 Access links run at 100x the bottleneck rate, with per-sender extra one-way delays for the
 unequal-RTT cases. fedsim runs the same case through its ``Emulator`` (server downlink =
 the bottleneck, client links = the access links, ``set_security("tcp")``: a bare TCP
@@ -84,14 +86,27 @@ NS3_PROGRAM = r'''
 #include "ns3/traffic-control-module.h"
 namespace fedsim_validate {
 using namespace ns3;
-static std::vector<double> g_rx, g_need, g_done;
+static std::vector<double> g_rx, g_need, g_done, g_rto;
 static void OnRx(uint32_t i, Ptr<const Packet> p, const Address &) {
   g_rx[i] += p->GetSize();
   if (g_done[i] < 0 && g_rx[i] >= g_need[i]) g_done[i] = Simulator::Now().GetSeconds();
 }
+// A retransmission timeout: ns-3 enters CA_LOSS only from its RTO handler.
+static void OnCongState(uint32_t i, TcpSocketState::TcpCongState_t, TcpSocketState::TcpCongState_t now) {
+  if (now == TcpSocketState::CA_LOSS) g_rto[i] += 1;
+}
+static void HookSockets(uint32_t n) {   // the senders' sockets exist once their apps started
+  for (uint32_t i = 0; i < n; i++) {
+    std::ostringstream path; path << "/NodeList/" << i << "/$ns3::TcpL4Protocol/SocketList/0/CongState";
+    Config::ConnectWithoutContext(path.str(), MakeBoundCallback(&OnCongState, i));
+  }
+}
+// Retransmission timeouts of each sender in the last run().
+std::vector<double> timeouts() { return g_rto; }
 // Completion time (s since the connect) of each sender's transfer; -1 if it did not finish.
+// delack: the receivers' delayed-ACK timeout, s.
 std::vector<double> run(double bw, double delay, double loss, std::vector<double> extra, double bytes,
-                        uint32_t seed, double qpkts) {
+                        uint32_t seed, double qpkts, double delack) {
   uint32_t n = extra.size();
   RngSeedManager::SetSeed(1); RngSeedManager::SetRun(seed);
   Config::SetDefault("ns3::TcpL4Protocol::SocketType", StringValue("ns3::TcpCubic"));
@@ -101,6 +116,8 @@ std::vector<double> run(double bw, double delay, double loss, std::vector<double
   Config::SetDefault("ns3::TcpSocket::RcvBufSize", UintegerValue(1u << 27));
   Config::SetDefault("ns3::TcpSocketBase::MinRto", TimeValue(MilliSeconds(200)));
   Config::SetDefault("ns3::TcpSocket::TcpNoDelay", BooleanValue(true));   // as ZeroMQ sets it
+  // delack: 40 ms in the grid (see DELACK_S in validate_ns3.py)
+  Config::SetDefault("ns3::TcpSocket::DelAckTimeout", TimeValue(Seconds(delack)));
   NodeContainer s; s.Create(n); NodeContainer r; r.Create(1); NodeContainer d; d.Create(1);
   InternetStackHelper st; st.Install(s); st.Install(r); st.Install(d);
   PointToPointHelper bott;
@@ -119,7 +136,7 @@ std::vector<double> run(double bw, double delay, double loss, std::vector<double
     em->AssignStreams(7);   // the same loss stream whatever ran before in this process
     bd.Get(1)->SetAttribute("ReceiveErrorModel", PointerValue(em));
   }
-  g_rx.assign(n, 0); g_need.assign(n, bytes); g_done.assign(n, -1);
+  g_rx.assign(n, 0); g_need.assign(n, bytes); g_done.assign(n, -1); g_rto.assign(n, 0);
   for (uint32_t i = 0; i < n; i++) {
     PointToPointHelper acc;
     acc.SetDeviceAttribute("DataRate", DataRateValue(DataRate((uint64_t)(bw * 100))));
@@ -139,6 +156,7 @@ std::vector<double> run(double bw, double delay, double loss, std::vector<double
     ApplicationContainer ka = sk.Install(d.Get(0)); ka.Start(Seconds(0.5));
     ka.Get(0)->TraceConnectWithoutContext("Rx", MakeBoundCallback(&OnRx, i));
   }
+  Simulator::Schedule(Seconds(1.0) + NanoSeconds(1), &HookSockets, n);
   Ipv4GlobalRoutingHelper::PopulateRoutingTables();
   Simulator::Stop(Seconds(3600));
   Simulator::Run();
@@ -149,6 +167,15 @@ std::vector<double> run(double bw, double delay, double loss, std::vector<double
 }
 }
 '''
+
+
+# The receivers' delayed-ACK timeout, seconds: Linux's for a bulk receiver, TCP_ATO_MIN = 40 ms
+# (its ACK timeout only grows toward the segments' inter-arrival time, capped by the RTT),
+# not ns-3's default 200 ms. With 200 ms a flow whose window fell to one segment waits
+# RTT + 200 ms for each ACK, longer than ns-3's RTO (max(min_rto, srtt + 4 rttvar); Linux's
+# is srtt + max(4 rttvar, 200 ms), and Linux undoes a spurious timeout): a spurious timeout
+# per segment, ~0.4 s each, for the rest of the transfer. bench/ns3_rto_probe.py shows it.
+DELACK_S = 0.040
 
 
 def queue_packets(bw: float, delay: float, extra: tuple[float, ...]) -> int:
@@ -170,13 +197,18 @@ class Ns3:
         self.cppyy = cppyy
         print(f"# ns-3 loaded in {time.perf_counter() - t:.0f} s", flush=True)
 
-    def run(self, n, size, bw, delay, loss, extra, seed) -> list[float]:
+    def run(self, n, size, bw, delay, loss, extra, seed, delack: float = DELACK_S) -> list[float]:
+        """Each sender's completion time, seconds (``timeouts()`` then gives its RTO count)."""
         vec = self.cppyy.gbl.std.vector["double"]
         out = list(self.cppyy.gbl.fedsim_validate.run(bw, delay, loss, vec(list(extra)), float(size), seed,
-                                                      float(queue_packets(bw, delay, extra))))
+                                                      float(queue_packets(bw, delay, extra)), float(delack)))
         if any(t < 0 for t in out):
             raise RuntimeError(f"ns-3: a transfer did not finish ({out})")
         return out
+
+    def timeouts(self) -> list[int]:
+        """Retransmission timeouts of each sender in the last :meth:`run`."""
+        return [int(x) for x in self.cppyy.gbl.fedsim_validate.timeouts()]
 
 
 def fedsim_times(n, size, bw, delay, loss, extra) -> list[float]:

@@ -30,8 +30,8 @@ import numpy as np
 
 from .config import Event, Link, Loss, NetworkConfig, Trace
 from .fluid import FluidNetwork
-from .models import (GilbertElliott, TcpWindow, cubic_rate, device_speeds, p_intact, packets, padhye_rate,
-                     sample_jitter, tcp_rto)
+from .models import (GilbertElliott, TcpWindow, cubic_rate, device_speeds, loss_event_rate, p_intact, packets,
+                     padhye_rate, sample_jitter, tcp_rto)
 from .units import format_clients
 
 DIRECTIONS = ("up", "down")
@@ -288,9 +288,10 @@ class Emulator:
 
     def tcp_cap(self, direction: str, client: int) -> float:
         """Long-run TCP throughput (bits/s) of a flow on this link: the response function of
-        ``network.tcp.congestion`` (CUBIC's, or Padhye's for Reno) at the link's loss rate and
-        the round trip over both of the client's links. The transfer model does not cap flows
-        with it: the per-round window (:class:`network.models.TcpWindow`) converges to it on
+        ``network.tcp.congestion`` (CUBIC's, or Padhye's for Reno) at the link's loss *event*
+        rate (:func:`network.models.loss_event_rate`: the losses among one window in flight
+        are one event) and the round trip over both of the client's links. The transfer
+        model does not cap flows with it: the per-round window (:class:`network.models.TcpWindow`) converges to it on
         long transfers, and this is its closed form (reported, and checked by the tests).
 
         Cached per link (cleared by :meth:`_refresh_caps` when a set_link or a burst
@@ -320,7 +321,8 @@ class Emulator:
 
     def _padhye_cap(self, direction: str, client: int) -> float:
         """The response function for the link as it is now, evaluated afresh: CUBIC's
-        (RFC 8312 section 5.1, with its Reno-friendly region) or Padhye's (5) for Reno."""
+        (RFC 8312 section 5.1, with its Reno-friendly region) or Padhye's (5) for Reno, at
+        the loss event rate p / (1 + p W) of the window W it gives."""
         if self.config.transport != "tcp":
             return math.inf
         data = self._links[direction][client]
@@ -328,9 +330,20 @@ class Emulator:
         rtt = data.latency + ack.latency
         tcp = self.config.tcp
         p = self.loss_rate(direction, client)
+        if rtt <= 0 or p <= 0:
+            return cubic_rate(tcp.mss, rtt, p, tcp.max_window) if tcp.congestion == "cubic" else \
+                padhye_rate(tcp.mss, rtt, p, self._rto(client), tcp.b, tcp.max_window)
+        # At the loss *event* rate: the losses among a window in flight are one event.
+        per_rtt = rtt / (8.0 * tcp.mss)     # bits/s -> segments per round trip
         if tcp.congestion == "cubic":
-            return cubic_rate(tcp.mss, rtt, p, tcp.max_window)
-        return padhye_rate(tcp.mss, rtt, p, self._rto(client), tcp.b, tcp.max_window)
+            def rate(q: float) -> float:
+                return cubic_rate(tcp.mss, rtt, q, tcp.max_window)
+        else:
+            rto = self._rto(client)
+
+            def rate(q: float) -> float:
+                return padhye_rate(tcp.mss, rtt, q, rto, tcp.b, tcp.max_window)
+        return rate(loss_event_rate(p, lambda q: rate(q) * per_rtt))
 
     def rtt(self, client: int) -> float:
         """Propagation round trip of the client's connection, seconds: both links' latency."""

@@ -6,6 +6,7 @@ Units: sizes in bytes, rates in bits/s, times in seconds, probabilities in [0, 1
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -151,10 +152,12 @@ class TcpWindow:
     """The congestion window of one TCP sender, stepped once per round trip (flow level).
 
     ``cwnd`` and ``ssthresh`` in segments. Loss is mean-field: every ``1/p`` segments sent
-    is one loss event (at most one per round trip, as with SACK recovery), so a long
-    transfer converges to the response function (``cubic_window``; Mathis' sqrt(3/2p) for
-    Reno) while a short one keeps the window slow start gave it. A loss event is a
-    retransmission timeout with Padhye's probability Q(w) = min(1, 3/w): the connection
+    is one loss, and a loss with the losses among the segments in flight when it is
+    detected (the round's) is one loss event (one SACK recovery, one window reduction):
+    events come every ``1/p + W`` segments, so a long transfer converges to the response
+    function (``cubic_window``; Mathis' sqrt(3/2p) for Reno) at the loss event rate
+    (``loss_event_rate``), while a short one keeps the window slow start gave it. A loss
+    event is a retransmission timeout with Padhye's probability Q(w) = min(1, 3/w): the connection
     stalls for that share of the RTO (in expectation; backoff is not modelled).
     """
 
@@ -211,7 +214,12 @@ class TcpWindow:
         if p > 0:
             self.acc += sent * p
         if self.acc >= 1.0:
-            self.acc %= 1.0
+            # The loss opens a recovery episode, and the segments already in flight when it
+            # is detected (this round's) belong to it: their losses are repaired in the same
+            # recovery, with one window reduction (RFC 6675; Linux's recovery point). So
+            # the next episode is due 1/p segments after those: episodes come every
+            # 1/p + W segments, the loss *event* rate p / (1 + pW) (``loss_event_rate``).
+            self.acc = self.acc % 1.0 - sent * p
             if self.cwnd < self.ssthresh:
                 # Detected a round trip after the loss: slow start grew the window meanwhile.
                 self.cwnd = min(self.cwnd + sent, max(ceiling, self.cwnd))
@@ -256,6 +264,34 @@ class TcpWindow:
         self.w_est += 3.0 * (1.0 - CUBIC_BETA) / (1.0 + CUBIC_BETA)   # per round trip, as Reno's +1
         goal = max(target, self.w_est)
         return min(max(goal - self.cwnd, 0.0), self.cwnd / 2.0)
+
+
+def loss_event_rate(p: float, window: "Callable[[float], float]") -> float:
+    """Loss events per segment sent, for independent packet loss ``p`` and a SACK sender whose
+    window (segments per round trip) at loss event rate ``q`` is ``window(q)``.
+
+    A loss opens a recovery episode that the segments in flight when it is detected, one
+    window ``W``, join (their losses are repaired by the same recovery, with one window
+    reduction); the next episode starts with the next loss after them, ``1/p`` segments on
+    in expectation. So episodes come every ``1/p + W`` segments:
+
+        p_e = p / (1 + p W(p_e))          (the fixed point; a contraction: W ~ p_e^-1/2..-3/4)
+
+    (RFC 5348's loss event rate: losses within a round trip of the first are one event.)
+    With Reno's W = sqrt(3/(2 p_e)) it is closed form: sqrt(p_e) = (sqrt(1.5 p^2 + 4p) -
+    p sqrt(1.5)) / 2. 0 for p <= 0; 1 for p >= 1."""
+    if p <= 0:
+        return 0.0
+    if p >= 1:
+        return 1.0
+    q = p
+    for _ in range(200):
+        w = window(q)
+        nxt = p / (1.0 + p * w) if math.isfinite(w) else 0.0
+        if abs(nxt - q) <= 1e-13 * q:
+            return nxt
+        q = nxt
+    return q
 
 
 def tcp_rto(min_rto: float, rtt: float, rtt_std: float) -> float:

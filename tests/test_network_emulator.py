@@ -290,11 +290,16 @@ def test_tcp_cap_uses_gilbert_elliott_long_run_rate():
                                      "group": [{"clients": "all", "direction": "up", "loss": ge}]}}, 1)
     p_bar = 0.001 / 0.501
     assert em.loss_rate("up", 0) == pytest.approx(p_bar)
-    assert em.tcp_cap("up", 0) == pytest.approx(cubic_rate(1448, 0.04, p_bar))   # default: CUBIC
+    # the response function at the loss event rate p / (1 + p W) of the long-run rate
+    cap = em.tcp_cap("up", 0)
+    event_rate = p_bar / (1 + p_bar * cap * 0.04 / (8 * 1448))
+    assert cap == pytest.approx(cubic_rate(1448, 0.04, event_rate))   # default: CUBIC
     assert em.tcp_cap("down", 0) == math.inf
     em, clock, _ = make({"network": {"uplink": "1Gbps", "latency": "20ms", "tcp": {"congestion": "reno"},
                                      "group": [{"clients": "all", "direction": "up", "loss": ge}]}}, 1)
-    assert em.tcp_cap("up", 0) == pytest.approx(padhye_rate(1448, 0.04, p_bar, 0.2))
+    cap = em.tcp_cap("up", 0)
+    event_rate = p_bar / (1 + p_bar * cap * 0.04 / (8 * 1448))
+    assert cap == pytest.approx(padhye_rate(1448, 0.04, event_rate, 0.2))
 
 
 def test_partition_aborts_download_in_flight_and_counts_offline_as_down():

@@ -146,18 +146,20 @@ def test_mathis_and_padhye_agree_at_small_loss():
 @pytest.mark.parametrize("link", ["1Gbps", "10Gbps"])
 def test_tcp_long_transfer_converges_to_the_reno_response_function(link):
     """30 MB at RTT 50 ms and p = 1e-2 under Reno: the per-round window settles at Mathis'
-    rate whatever the link capacity (the slow-start transient is a small share of it), a
-    little above Padhye's, which adds timeouts a SACK connection with 12 segments in
-    flight does not take."""
+    rate at the loss *event* rate (the losses among a window in flight are one event: events
+    every 1/p + W segments) whatever the link capacity (the slow-start transient is a small
+    share of it), a little above Padhye's, which adds timeouts a SACK connection with 13
+    segments in flight does not take."""
     nbytes, L, p = 30_000_000, 0.025, 1e-2
     em, clock, log = make({"network": {"uplink": link, "downlink": link, "latency": L, "loss": p,
                                        "tcp": {"congestion": "reno"}}})
     got = blast(em, clock, 1, nbytes)
     assert len(got) == 1 and not any(e == "drop" for e, _ in log)
-    cap = padhye_rate(1448, 2 * L, p, 0.2)
-    assert em.tcp_cap("up", 0) == pytest.approx(cap)
+    cap = em.tcp_cap("up", 0)
+    assert cap == pytest.approx(padhye_rate(1448, 2 * L, p / (1 + p * cap * 2 * L / (8 * 1448)), 0.2))
+    y = (math.sqrt(1.5 * p * p + 4 * p) - p * math.sqrt(1.5)) / 2   # Mathis' W at its own event rate y^2
     rate = em.wire_bytes(nbytes) * 8 / (got[0][1] - L - 4 * L)   # less the handshake and propagation
-    assert rate == pytest.approx(mathis_rate(1448, 2 * L, p), rel=0.05)
+    assert rate == pytest.approx(mathis_rate(1448, 2 * L, y * y), rel=0.05)
     assert cap < rate
 
 

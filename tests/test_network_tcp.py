@@ -11,7 +11,8 @@ import pytest
 from network.config import parse_network
 from network.emulator import Emulator
 from network.errors import NetworkConfigError
-from network.models import CUBIC_BETA, TcpWindow, cubic_rate, cubic_window, mathis_rate, padhye_rate
+from network.models import (CUBIC_BETA, TcpWindow, cubic_rate, cubic_window, loss_event_rate, mathis_rate,
+                            padhye_rate)
 from network.simclock import HeapClock
 
 MSS, HDR, IW = 1448, 52, 10
@@ -158,10 +159,40 @@ def test_cubic_cap_matches_its_response_function(p):
     assert cubic_rate(MSS, 0.5, p) > 1.2 * mathis_rate(MSS, 0.5, p)
     assert cubic_rate(MSS, 0.02, p) == pytest.approx(mathis_rate(MSS, 0.02, p), rel=REL)
     assert CUBIC_BETA == 0.7
+    # The emulator's cap is the response function at the loss *event* rate p_e = p / (1 + p W):
+    # the losses among the window in flight when a loss is detected are the same event.
     em, _, _ = make({"uplink": "1Gbps", "latency": "100ms", "loss": p})
-    assert em.tcp_cap("up", 0) == pytest.approx(cubic_rate(MSS, 0.2, p), rel=REL)
+    cap = em.tcp_cap("up", 0)
+    pe = p / (1 + p * cap * 0.2 / (8 * MSS))
+    assert cap == pytest.approx(cubic_rate(MSS, 0.2, pe), rel=1e-9)
+    assert 1.0 < cap / cubic_rate(MSS, 0.2, p) < 1.0 + math.sqrt(p) * 3   # a few per cent above
     em, _, _ = make({"uplink": "1Gbps", "latency": "100ms", "loss": p, "tcp": {"congestion": "reno"}})
-    assert em.tcp_cap("up", 0) == pytest.approx(padhye_rate(MSS, 0.2, p, 0.2), rel=REL)
+    cap = em.tcp_cap("up", 0)
+    pe = p / (1 + p * cap * 0.2 / (8 * MSS))
+    assert cap == pytest.approx(padhye_rate(MSS, 0.2, pe, 0.2), rel=1e-9)
+
+
+@pytest.mark.parametrize("p", [1e-4, 1e-3, 1e-2, 0.1])
+def test_loss_event_rate_of_reno_in_closed_form(p):
+    """Episodes every 1/p + W segments with Reno's W = sqrt(3 / (2 p_e)): p_e + p sqrt(1.5 p_e) = p,
+    a quadratic in sqrt(p_e)."""
+    y = (math.sqrt(1.5 * p * p + 4 * p) - p * math.sqrt(1.5)) / 2
+    assert loss_event_rate(p, lambda q: math.sqrt(1.5 / q)) == pytest.approx(y * y, rel=1e-10)
+    assert loss_event_rate(p, lambda q: 0.0) == p                # no window in flight: every loss an event
+    assert loss_event_rate(0.0, lambda q: 10.0) == 0.0 and loss_event_rate(1.0, lambda q: 10.0) == 1.0
+
+
+def test_losses_in_flight_join_the_episode():
+    """A window of W segments per round trip at packet loss p sees one loss event every
+    1/p + W segments, not every 1/p: the window's own later losses are one recovery."""
+    w = TcpWindow(10, "reno")
+    W, p, rounds = 50, 0.001, 21_000                 # 1,050,000 segments
+    events = 0
+    for i in range(rounds):
+        before = w.acc
+        w.on_round(W, p, 0.1 * (i + 1), 0.1)
+        events += w.acc < before                     # without an event the count only grows
+    assert abs(events - rounds * W / (1 / p + W)) <= 1            # 1000, where 1/p alone gives 1050
 
 
 @pytest.mark.parametrize("congestion", ["cubic", "reno"])
@@ -180,7 +211,7 @@ def test_long_transfer_settles_at_the_response_function(congestion):
 
 def test_short_transfer_keeps_its_slow_start_under_loss():
     """The issue's case: 6.4 MB over 100 Mbps, 25 ms, 0.1 % loss. The steady-state cap
-    (8.9 Mbit/s) would make it ~6 s; the window model lets slow start carry most of it,
+    (9.1 Mbit/s at the loss event rate) would make it ~5.6 s; the window model lets slow start carry most of it,
     and the 4-5 loss events cut the window only a few times."""
     em, clock, _ = make({"uplink": "10Gbps", "downlink": "10Gbps", "latency": "25ms", "loss": 0.001,
                          "server": {"downlink": "100Mbps"}}, security="tcp")
@@ -200,6 +231,7 @@ def test_window_steps_by_hand():
     w.acc = 0.9
     q = w.on_round(21, 0.01, 0.3, 0.1)                                  # 0.21 more: a loss event
     assert w.cwnd == 10.5 and w.ssthresh == 10.5 and q == 0.0                # fast retransmit
+    assert w.acc == pytest.approx(0.11 - 0.21)      # the round's 21 segments in flight join the episode
     w.cwnd, w.ssthresh, w.acc = 3.0, 2.0, 0.99
     assert w.on_round(3, 0.01, 0.4, 0.1) == 1.0 and w.cwnd == 2.0          # too few dupacks: a timeout
     c = TcpWindow(10, "cubic")
