@@ -123,6 +123,32 @@ def local_sgd_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor
     return out  # type: ignore[return-value]
 
 
+def loss_and_grad_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor],
+                       ys: list[torch.Tensor]) -> list[Params]:
+    """The gradients of :func:`loss_and_grad` for many clients, in order: stacked for
+    clients with as many rows in ``xs[i]`` where the model is small enough, else one at a time."""
+    out: list[Params | None] = [None] * len(starts)
+    plan = fastpath.plan(model)
+    by_rows: dict[int, list[int]] = {}
+    for i, (start, x) in enumerate(zip(starts, xs)):
+        if x.shape[0] > 0 and fastpath.stackable(plan, start) and set(start) == set(fastpath.names(plan)):
+            by_rows.setdefault(x.shape[0], []).append(i)
+        else:
+            out[i] = loss_and_grad(model, start, x, ys[i])[1]
+    for members in by_rows.values():
+        chunk = fastpath.stack_chunk(plan, starts[members[0]])
+        for c in range(0, len(members), chunk):
+            group = members[c:c + chunk]
+            if len(group) == 1:
+                out[group[0]] = loss_and_grad(model, starts[group[0]], xs[group[0]], ys[group[0]])[1]
+                continue
+            grads = fastpath.grads_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
+                                           [ys[i] for i in group])
+            for i, g in zip(group, grads):
+                out[i] = {name: g[name] for name in starts[i]}  # in the caller's order, as loss_and_grad
+    return out  # type: ignore[return-value]
+
+
 def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """Sum in the given (client-id) order so the result does not depend on arrival order."""
     total = float(sum(weights))

@@ -335,8 +335,10 @@ def sgd_stacked(plan: DensePlan, starts: list[Params], xs: list[torch.Tensor], y
     return [{k: v[i] for k, v in params.items()} for i in range(b)]
 
 
-def _stacked_step(layers, params: Params, x: torch.Tensor, y: torch.Tensor, lr: float) -> None:
-    """One SGD step of every client of a stack ([clients, batch, features] inputs), in place."""
+def _stacked_step(layers, params: Params, x: torch.Tensor, y: torch.Tensor, lr: float | None,
+                  grads: Params | None = None) -> None:
+    """One SGD step of every client of a stack ([clients, batch, features] inputs), in place;
+    with ``lr = None`` the stacked gradients land in ``grads`` instead."""
     acts = [x]
     h = x
     last = len(layers) - 1
@@ -353,7 +355,26 @@ def _stacked_step(layers, params: Params, x: torch.Tensor, y: torch.Tensor, lr: 
         w, b = layers[i]
         a = acts[i]
         g_in = torch.bmm(g, params[w]) if i > 0 else None  # with the weights before this step
-        params[w].baddbmm_(g.transpose(1, 2), a, alpha=-lr)
-        params[b].sub_(g.sum(1), alpha=lr)
+        if lr is None:
+            grads[w] = torch.bmm(g.transpose(1, 2), a)
+            grads[b] = g.sum(1)
+        else:
+            params[w].baddbmm_(g.transpose(1, 2), a, alpha=-lr)
+            params[b].sub_(g.sum(1), alpha=lr)
         if i > 0:
             g = g_in.masked_fill_(a <= 0, 0.0)
+
+
+def grads_stacked(plan: DensePlan, starts: list[Params], xs: list[torch.Tensor],
+                  ys: list[torch.Tensor]) -> list[Params]:
+    """:func:`loss_and_grad`'s gradients for B clients at once (``starts[i]`` on ``xs[i],
+    ys[i]``; every ``xs[i]`` the same number of rows). Returns each client's gradients in
+    the plan's parameter order (views into stacked tensors)."""
+    b = len(starts)
+    params = {k: torch.stack([s[k] for s in starts]) for k in names(plan)}
+    x = torch.stack([v.reshape(v.shape[0], -1) for v in xs])
+    y = torch.stack(ys)
+    grads: Params = {}
+    with torch.no_grad():
+        _stacked_step(plan.layers, params, x, y, None, grads)
+    return [{k: grads[k][i] for k in names(plan)} for i in range(b)]

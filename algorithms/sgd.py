@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Algorithm, Payload, check, check_int, register
-from .common import check_like, dense_bits, loss_and_grad, sample_batch, weighted_mean
+from .base import Algorithm, Payload, ProtocolError, check, check_int, register
+from .common import check_like, dense_bits, loss_and_grad, loss_and_grad_many, sample_batch, weighted_mean
 
 
 @register
@@ -51,17 +51,44 @@ class SGD(Algorithm):
     def client_handlers(self):
         return {"model": self.on_model}
 
+    def client_batch_handlers(self):
+        return {"model": self.on_model_batch}
+
     def on_model(self, ctx, payload: Payload) -> Payload:
         check_like(payload, self.params, "sgd model", finite=False)
+        x, y = self._batch(ctx)
+        _, grads = loss_and_grad(ctx.model, payload.tensors, x, y)
+        return self._reply(ctx, payload, len(x), grads)
+
+    def on_model_batch(self, ctxs, payloads) -> list:
+        """``on_model`` for the clients that received the model at one instant: their
+        minibatches drawn one by one, their gradients stacked (:func:`loss_and_grad_many`)."""
+        out: list = [None] * len(ctxs)
+        ok, batches = [], []
+        for i, (ctx, payload) in enumerate(zip(ctxs, payloads)):
+            try:
+                check_like(payload, self.params, "sgd model", finite=False)
+            except ProtocolError as exc:
+                out[i] = exc
+                continue
+            ok.append(i)
+            batches.append(self._batch(ctx))
+        grads = loss_and_grad_many(ctxs[0].model if ctxs else self.model, [payloads[i].tensors for i in ok],
+                                   [x for x, _ in batches], [y for _, y in batches])
+        for i, (x, _), g in zip(ok, batches, grads):
+            out[i] = self._reply(ctxs[i], payloads[i], len(x), g)
+        return out
+
+    def _batch(self, ctx) -> tuple:
         if self.config.batch_size:
             idx = sample_batch(len(ctx.x), self.config.batch_size, ctx.generator)
-            x, y = ctx.x[idx], ctx.y[idx]
-        else:
-            x, y = ctx.x, ctx.y
-        _, grads = loss_and_grad(ctx.model, payload.tensors, x, y)
+            return ctx.x[idx], ctx.y[idx]
+        return ctx.x, ctx.y
+
+    def _reply(self, ctx, payload: Payload, samples: int, grads) -> Payload:
         if self.config.l2:
             grads = {k: g.add(payload.tensors[k], alpha=self.config.l2) for k, g in grads.items()}
-        ctx.charge(len(x))
+        ctx.charge(samples)
         return Payload(tensors=grads, payload_bits=dense_bits(grads))
 
     def check_reply(self, kind: str, payload: Payload) -> None:

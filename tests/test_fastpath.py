@@ -187,7 +187,7 @@ def test_stackable_is_for_small_dense_models_only():
 def _batching_scenario(batch: bool, *extra: str):
     return load_scenario(None, ["data.clients=12", "data.dataset=digits",
                                 "model.kind=mlp", "model.hidden=[16]", "algorithm.name=fedavg", "run.rounds=3",
-                                "algorithm.local_epochs=2", f"run.batch_clients={str(batch).lower()}", *extra])
+                                "algorithm.fedavg.local_epochs=2", f"run.batch_clients={str(batch).lower()}", *extra])
 
 
 @pytest.mark.parametrize("extra", [("data.partition=iid",),
@@ -219,3 +219,31 @@ def test_batch_clients_must_be_a_bool():
     from fedsim.errors import ScenarioError
     with pytest.raises(ScenarioError, match="run.batch_clients"):
         load_scenario(None, ["run.batch_clients=yes"])
+
+
+def test_stacked_gradients_match_one_client_at_a_time():
+    model = build_model(ModelConfig(kind="mlp", hidden=[16, 8]), (1, 8, 8), 3, seed=1)
+    plan = fastpath.plan(model)
+    starts = [{k: v.detach() + 0.01 * i for k, v in model.named_parameters()} for i in range(4)]
+    xs = [torch.randn(6, 1, 8, 8) for _ in range(4)]
+    ys = [torch.randint(0, 3, (6,)) for _ in range(4)]
+    stacked = fastpath.grads_stacked(plan, starts, xs, ys)
+    for i in range(4):
+        _, one = loss_and_grad(model, starts[i], xs[i], ys[i])
+        _close({k: stacked[i][k] for k in one}, one)
+
+
+def test_sgd_clients_of_an_instant_computed_together(monkeypatch):
+    """sgd's batch handler: the minibatch of each client drawn from its own generator, the
+    gradients stacked; observably the same run as one client at a time."""
+    stacked = []
+    grads_stacked = fastpath.grads_stacked
+    monkeypatch.setattr(fastpath, "grads_stacked", lambda plan, starts, *a: (stacked.append(len(starts)),
+                                                                           grads_stacked(plan, starts, *a))[1])
+    over = ["algorithm.name=sgd", "algorithm.batch_size=16", "algorithm.l2=0.01", "data.partition=dirichlet"]
+    together = run(_batching_scenario(True, *over))
+    monkeypatch.undo()
+    alone = run(_batching_scenario(False, *over))
+    assert stacked and max(stacked) > 1
+    assert _observable(together) == _observable(alone)
+    _close(together.final_params, alone.final_params, tol=1e-4)
