@@ -230,7 +230,8 @@ def state_digest(state: Mapping[str, Any]) -> bytes:
             h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
             # flatten first: a "contiguous" tensor with a size-1 dim may keep a stride != 1
             # there (a rank-1 QR factor), which view(uint8) refuses
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():  # the buffer itself, not a bytes copy of it
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
         elif isinstance(value, Mapping):
             h.update(state_digest(value))
         else:

@@ -19,6 +19,8 @@ accumulator Q_{k-1} both ends hold:
 
     laq_quantize(g, q_prev, bits) -> Quantized     # .scale = R_k, .packed uint8, .value = Q_k
     laq_dequantize(q_prev, scale, packed, bits) -> Q_k
+    laq_quantize_many(gs, q_prevs, bits) -> [Quantized]         # several tensors, one radius each
+    laq_dequantize_many(q_prevs, scales, packed, bits) -> [Q_k]  # bit-identical to one at a time
     laq_bits(numel, bits) -> int                   # 32 + b * numel  (bits)
 
 Logarithmic quantizer (LQ-SGD): normalise by s = ||x||_inf (float32, 32 bits), then
@@ -42,6 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import bitpack
@@ -111,34 +114,112 @@ def laq_bits(numel: int, bits: int) -> int:
     return 32 + bits * numel
 
 
-def _laq_apply(q_prev: torch.Tensor, radius: torch.Tensor, codes: torch.Tensor, bits: int) -> torch.Tensor:
-    # The one formula both ends evaluate: bit-identical results on both sides.
-    return q_prev + radius * grid_decode(codes, bits).reshape(q_prev.shape)
-
-
 def laq_quantize(g: torch.Tensor, q_prev: torch.Tensor, bits: int) -> Quantized:
     """Quantize the innovation g - q_prev at b bits (see module doc)."""
-    check_bits(bits)
-    g = g.detach().to(torch.float32)
-    q_prev = q_prev.detach().to(torch.float32)
-    if g.shape != q_prev.shape:
-        raise ValueError(f"gradient {tuple(g.shape)} and accumulator {tuple(q_prev.shape)} differ in shape")
-    d = g - q_prev
-    radius = _scale_of(d)
-    if float(radius) > 0:
-        codes = grid_encode(d / radius, bits)
-    else:
-        # R_k = 0: the innovation is zero; code the level nearest 0, scaled by 0 it decodes to 0.
-        codes = torch.full(d.shape, (1 << bits) // 2, dtype=torch.int64)
-    packed = bitpack.pack(codes, bits)
-    return Quantized(radius, packed, _laq_apply(q_prev, radius, codes, bits))
+    return laq_quantize_many([g], [q_prev], bits)[0]
 
 
 def laq_dequantize(q_prev: torch.Tensor, scale: torch.Tensor, packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Q_k from Q_{k-1}, the radius and the packed codes; ProtocolError on malformed input."""
-    radius = _check_scale(scale)
-    codes = _unpack(packed, bits, q_prev.numel())
-    return _laq_apply(q_prev.to(torch.float32), radius, codes, bits)
+    return laq_dequantize_many([q_prev], [scale], [packed], bits)[0]
+
+
+def _flat(tensors: list[torch.Tensor]) -> np.ndarray:
+    """One float32 array holding the tensors one after another (C order)."""
+    parts = [t.detach().to(torch.float32).cpu().reshape(-1).numpy() for t in tensors]
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
+
+
+def _split(flat: np.ndarray, shapes: list[torch.Size], offsets: np.ndarray) -> list[torch.Tensor]:
+    """The tensors of ``shapes`` cut from ``flat``, each in its own (aligned) memory: MKL's
+    products may round differently on a view that starts mid-buffer, and a server rebuilding
+    a gradient from the values must get the same bits as before this module batched them."""
+    whole = torch.from_numpy(flat)
+    return [whole[int(offsets[i]):int(offsets[i + 1])].view(shape).clone() for i, shape in enumerate(shapes)]
+
+
+def _laq_values(p_flat: np.ndarray, radius_e: np.ndarray, codes: np.ndarray, bits: int) -> np.ndarray:
+    # The one formula both ends evaluate, q_prev + radius * level(code), in float32 and in this
+    # order of operations (that of grid_decode): bit-identical results on both sides.
+    top = (1 << bits) - 1
+    out = codes.astype(np.float32)
+    out *= np.float32(2.0 / top)
+    out -= np.float32(1.0)
+    out *= radius_e
+    out += p_flat
+    return out
+
+
+def laq_quantize_many(gs: list[torch.Tensor], q_prevs: list[torch.Tensor], bits: int) -> list[Quantized]:
+    """:func:`laq_quantize` of several tensors at once, each with its own radius.
+
+    Bit-identical to quantizing them one by one (the same float32 operations in the same
+    order, on numpy arrays); the tensors travel through each step as one flat array, so a
+    method with many small tensors (QRR's factors) pays each step's overhead once."""
+    check_bits(bits)
+    if len(gs) != len(q_prevs):
+        raise ValueError(f"{len(gs)} tensors and {len(q_prevs)} accumulators")
+    shapes = []
+    for g, q in zip(gs, q_prevs):
+        if g.shape != q.shape:
+            raise ValueError(f"gradient {tuple(g.shape)} and accumulator {tuple(q.shape)} differ in shape")
+        shapes.append(g.shape)
+    sizes = np.array([math.prod(s) for s in shapes], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    p_flat = _flat(q_prevs)
+    d = _flat(gs) - p_flat
+    radii = np.zeros(len(gs), dtype=np.float32)
+    filled = sizes > 0
+    if filled.any():
+        radii[filled] = np.maximum.reduceat(np.abs(d), offsets[:-1][filled])
+    if not np.isfinite(radii).all():
+        raise ValueError("cannot quantize a tensor holding NaN or Inf")
+    top = (1 << bits) - 1
+    radius_e = np.repeat(radii, sizes)
+    zero = radii == 0
+    u = d / (np.repeat(np.where(zero, np.float32(1), radii), sizes) if zero.any() else radius_e)
+    # grid_encode: round((u + 1) * top / 2), clamped to [0, top], float32 throughout
+    u += np.float32(1.0)
+    u *= np.float32(top / 2.0)
+    np.rint(u, out=u)
+    np.clip(u, 0, top, out=u)
+    codes = u.astype(np.uint8 if bits <= 8 else np.uint16)
+    for i in np.flatnonzero(zero):
+        # R_k = 0: the innovation is zero; code the level nearest 0, scaled by 0 it decodes to 0.
+        codes[offsets[i]:offsets[i + 1]] = (1 << bits) // 2
+    values = _split(_laq_values(p_flat, radius_e, codes, bits), shapes, offsets)
+    scales = torch.from_numpy(radii)
+    return [Quantized(scales[i], bitpack.pack(codes[offsets[i]:offsets[i + 1]], bits), values[i])
+            for i in range(len(gs))]
+
+
+def laq_dequantize_many(q_prevs: list[torch.Tensor], scales, packed: list[torch.Tensor], bits: int) -> list[torch.Tensor]:
+    """:func:`laq_dequantize` of several tensors at once (``scales``: one float32 scalar
+    tensor each, or one float32 vector); bit-identical to one at a time. ProtocolError on
+    malformed input."""
+    check_bits(bits)
+    if len(scales) != len(q_prevs) or len(packed) != len(q_prevs):
+        raise ProtocolError(f"{len(q_prevs)} tensors, {len(scales)} scales and {len(packed)} buffers")
+    if isinstance(scales, torch.Tensor) and scales.ndim == 1:
+        if scales.dtype != torch.float32:
+            raise ProtocolError(f"scales must be float32, got {scales.dtype}")
+        radii = scales.detach().cpu().numpy()
+        if not np.isfinite(radii).all() or (radii < 0).any():
+            raise ProtocolError(f"scales must be finite and >= 0, got {radii.tolist()}")
+    else:
+        radii = np.array([float(_check_scale(s)) for s in scales], dtype=np.float32)
+    shapes = [q.shape for q in q_prevs]
+    sizes = np.array([math.prod(s) for s in shapes], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    try:
+        parts = [bitpack.unpack_array(p, bits, int(n)) for p, n in zip(packed, sizes)]
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    codes = parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts else np.empty(0, np.uint8))
+    values = _laq_values(_flat(q_prevs), np.repeat(radii, sizes), codes, bits)
+    return _split(values, shapes, offsets)
 
 
 # ---- Logarithmic quantizer (LQ-SGD) --------------------------------------------------------------

@@ -120,7 +120,7 @@ def precomputed_gradients(grads: list[dict[str, torch.Tensor]]):
     """A stand-in for the methods' ``gradient`` that returns the next precomputed gradient."""
     state = {"i": 0}
 
-    def gradient(model, params, x, y, batch_size, generator):
+    def gradient(model, params, x, y, batch_size, generator, l2=0.0):
         g = grads[state["i"] % len(grads)]
         state["i"] += 1
         out = {k: v.clone() for k, v in g.items()}
