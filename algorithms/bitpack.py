@@ -5,6 +5,7 @@ Stable API (other methods build on it; do not change the signatures):
     pack(codes, bits) -> torch.Tensor            # uint8, 1-D, packed_nbytes(codes.numel(), bits) long
     unpack(packed, bits, count) -> torch.Tensor  # int64, 1-D, ``count`` codes in [0, 2**bits)
     unpack_array(packed, bits, count) -> np.ndarray  # the same codes, uint8 (b <= 8) or uint16
+    pack_segments(codes, bits, offsets) -> [torch.Tensor]  # pack() of each segment of one array
     packed_nbytes(count, bits) -> int            # bytes that ``count`` codes of ``bits`` bits occupy
     check_bits(bits) -> None                     # ValueError unless 1 <= bits <= 16 (an int)
 
@@ -64,6 +65,16 @@ def pack(codes: torch.Tensor | np.ndarray, bits: int) -> torch.Tensor:
         planes = ((c[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
         out = np.packbits(planes.reshape(-1), bitorder="little")
     return torch.from_numpy(np.ascontiguousarray(out))
+
+
+def pack_segments(codes: np.ndarray, bits: int, offsets: list[int]) -> list[torch.Tensor]:
+    """:func:`pack` of each segment ``codes[offsets[i]:offsets[i + 1]]`` of one unsigned code
+    array whose values are known to fit ``bits`` (a quantizer's own output). At b = 8 the
+    packed bytes are the codes: the segments are views of one buffer, no copy."""
+    check_bits(bits)
+    if bits == 8 and codes.dtype == np.uint8:
+        return [torch.from_numpy(codes[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
+    return [pack(codes[offsets[i]:offsets[i + 1]], bits) for i in range(len(offsets) - 1)]
 
 
 def unpack(packed: torch.Tensor | np.ndarray, bits: int, count: int) -> torch.Tensor:

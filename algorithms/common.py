@@ -258,22 +258,24 @@ def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int):
         return None
     s = np.sqrt(np.maximum(lam[::-1], 0.0))
     keep = min(k, int((s > _NULL * s[0]).sum()))
-    # W and S^-1 W^T padded with zeros to k: the products below give the zero triplets as is
-    w_k = np.zeros((rank, k))
+    # W and S^-1 W^T padded with zeros to k: the products below give the zero triplets as is.
+    # V^T = S^-1 W^T B in float32: B's own float32 rounding (~1e-7 ||A||) already bounds how
+    # well a small singular value's vector is known, a float64 product would not add to it.
+    w_k = np.zeros((rank, k), dtype=np.float32)
     w_k[:, :keep] = w[:, ::-1][:, :keep]
     s_k = np.zeros(k, dtype=np.float32)
     s_k[:keep] = s[:keep]
-    scaled = np.zeros((k, rank))
-    scaled[:keep] = w_k[:, :keep].T / s[:keep, None]
-    u = qf @ torch.from_numpy(w_k.astype(np.float32))
-    vh = (torch.from_numpy(scaled) @ bd).to(a.dtype)
-    return u, torch.from_numpy(s_k), vh
+    scaled = np.zeros((k, rank), dtype=np.float32)
+    scaled[:keep] = w[:, ::-1][:, :keep].T / s[:keep, None]
+    return qf @ torch.from_numpy(w_k), torch.from_numpy(s_k), torch.from_numpy(scaled) @ b
 
 
 def _fast_path(a: torch.Tensor, width: int) -> bool:
     """:func:`_range_svd` serves float32 matrices on the CPU whose smaller side is at least twice
-    the sketch (the 784-200-10 MLP's first layer); the others (a 10 x 200 head, float64) keep the
-    QR-based path of :func:`_sketch_range` and :func:`_svd_from_range`, bit for bit as before."""
+    the sketch (the 784-200-10 MLP's first layer). A smaller float32 one (a 10 x 200 head, k = 3:
+    a sketch of 8 against rank 9, since a softmax layer's gradient rows sum to zero) goes to the
+    full SVD at once, which is where the sketch sent it anyway, minus the sketch's cost; other
+    dtypes and devices keep the QR-based sketch (:func:`_sketch_range`, :func:`_svd_from_range`)."""
     return a.dtype == torch.float32 and a.device.type == "cpu" and 2 * width <= min(a.shape)
 
 
@@ -285,9 +287,9 @@ def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5) -> tuple[t
     fixed Gaussian Omega already spans A's whole range; the SVD then comes from matrices of the
     sketch's size (:func:`_range_svd`: about two products of A with a thin matrix). Whether the
     range was captured is checked; when it was not (A's rank exceeds the sketch: e.g. a batch
-    of 500), ``torch.linalg.svd`` decides. Matrices outside :func:`_fast_path` take the older
-    QR-based route (a QR of the sketch, the residual A - Q Q^T A, a QR and an SVD of the small
-    factor), unchanged.
+    of 500), ``torch.linalg.svd`` decides, as it does at once for float32 matrices too small for
+    the sketch to pay (:func:`_fast_path`); float64 or non-CPU matrices take a QR-based sketch
+    (a QR of the sketch, the residual A - Q Q^T A, a QR and an SVD of the small factor).
     Singular vectors are defined up to sign (and within repeated singular values), as with any
     SVD. On the sketch's path, triplets beyond A's numerical rank are zeros (U diag(S) V^T is
     unchanged; see :func:`_range_svd`); the full SVD's are singular vectors of zero singular
@@ -303,7 +305,7 @@ def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5) -> tuple[t
             out = _range_svd(a, sketch, width, k)
             if out is not None:
                 return out
-        else:
+        elif a.dtype != torch.float32 or a.device.type != "cpu":
             q, b, captured = _sketch_range(a, _fixed_gaussian(n, width, SKETCH_SEED, a.dtype).to(a.device))
             if captured:
                 return _svd_from_range(q, b, k)

@@ -125,30 +125,40 @@ def laq_dequantize(q_prev: torch.Tensor, scale: torch.Tensor, packed: torch.Tens
 
 
 def _flat(tensors: list[torch.Tensor]) -> np.ndarray:
-    """One float32 array holding the tensors one after another (C order)."""
-    parts = [t.detach().to(torch.float32).cpu().reshape(-1).numpy() for t in tensors]
+    """One float32 array holding the tensors one after another (C order); with one tensor,
+    possibly a view of it (callers only read it)."""
+    parts = []
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad:
+            t = t.detach().to(device="cpu", dtype=torch.float32)
+        parts.append(t.numpy().reshape(-1))
     if len(parts) == 1:
         return parts[0]
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
 
 
-def _split(flat: np.ndarray, shapes: list[torch.Size], offsets: np.ndarray) -> list[torch.Tensor]:
-    """The tensors of ``shapes`` cut from ``flat``, each in its own (aligned) memory: MKL's
-    products may round differently on a view that starts mid-buffer, and a server rebuilding
-    a gradient from the values must get the same bits as before this module batched them."""
-    whole = torch.from_numpy(flat)
-    return [whole[int(offsets[i]):int(offsets[i + 1])].view(shape).clone() for i, shape in enumerate(shapes)]
+def _offsets(shapes: list[torch.Size]) -> list[int]:
+    out = [0]
+    for shape in shapes:
+        out.append(out[-1] + math.prod(shape))
+    return out
 
 
-def _laq_values(p_flat: np.ndarray, radius_e: np.ndarray, codes: np.ndarray, bits: int) -> np.ndarray:
-    # The one formula both ends evaluate, q_prev + radius * level(code), in float32 and in this
-    # order of operations (that of grid_decode): bit-identical results on both sides.
-    top = (1 << bits) - 1
-    out = codes.astype(np.float32)
-    out *= np.float32(2.0 / top)
-    out -= np.float32(1.0)
-    out *= radius_e
-    out += p_flat
+def _laq_values(level: np.ndarray, radii: np.ndarray, offsets: list[int], p_flat: np.ndarray,
+                shapes: list[torch.Size]) -> list[torch.Tensor]:
+    # The one formula both ends evaluate, q_prev + radius * level(code), in float32, with
+    # level(code) = code * (2 / top) - 1 as in grid_decode (done by the caller, in place on
+    # ``level``) and one radius per tensor. Bit-identical on both sides and to the per-tensor
+    # torch formula this replaced (tests/test_quantizers.py compares them). Each result is
+    # written straight into a tensor of its own: a fresh (aligned) allocation, as the torch
+    # formula's, since MKL's products may round differently on a view that starts mid-buffer.
+    out = []
+    for i, shape in enumerate(shapes):
+        seg = level[offsets[i]:offsets[i + 1]]
+        seg *= radii[i]
+        value = torch.empty(shape, dtype=torch.float32)
+        np.add(p_flat[offsets[i]:offsets[i + 1]], seg, out=value.numpy().reshape(-1))
+        out.append(value)
     return out
 
 
@@ -156,8 +166,8 @@ def laq_quantize_many(gs: list[torch.Tensor], q_prevs: list[torch.Tensor], bits:
     """:func:`laq_quantize` of several tensors at once, each with its own radius.
 
     Bit-identical to quantizing them one by one (the same float32 operations in the same
-    order, on numpy arrays); the tensors travel through each step as one flat array, so a
-    method with many small tensors (QRR's factors) pays each step's overhead once."""
+    order, on numpy arrays); the tensors travel through each step as one flat array, in
+    place, so a method with many tensors (QRR's factors) pays each step's overhead once."""
     check_bits(bits)
     if len(gs) != len(q_prevs):
         raise ValueError(f"{len(gs)} tensors and {len(q_prevs)} accumulators")
@@ -166,33 +176,36 @@ def laq_quantize_many(gs: list[torch.Tensor], q_prevs: list[torch.Tensor], bits:
         if g.shape != q.shape:
             raise ValueError(f"gradient {tuple(g.shape)} and accumulator {tuple(q.shape)} differ in shape")
         shapes.append(g.shape)
-    sizes = np.array([math.prod(s) for s in shapes], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    offsets = _offsets(shapes)
     p_flat = _flat(q_prevs)
-    d = _flat(gs) - p_flat
+    u = np.subtract(_flat(gs), p_flat)  # the innovation d, then (in place) u, the codes, the levels
     radii = np.zeros(len(gs), dtype=np.float32)
-    filled = sizes > 0
-    if filled.any():
-        radii[filled] = np.maximum.reduceat(np.abs(d), offsets[:-1][filled])
+    starts = [offsets[i] for i in range(len(gs)) if offsets[i + 1] > offsets[i]]
+    if starts:
+        radii[[i for i in range(len(gs)) if offsets[i + 1] > offsets[i]]] = np.maximum.reduceat(np.abs(u), starts)
     if not np.isfinite(radii).all():
         raise ValueError("cannot quantize a tensor holding NaN or Inf")
     top = (1 << bits) - 1
-    radius_e = np.repeat(radii, sizes)
-    zero = radii == 0
-    u = d / (np.repeat(np.where(zero, np.float32(1), radii), sizes) if zero.any() else radius_e)
-    # grid_encode: round((u + 1) * top / 2), clamped to [0, top], float32 throughout
+    for i, r in enumerate(radii):
+        if r > 0:
+            seg = u[offsets[i]:offsets[i + 1]]
+            seg /= r
+    # grid_encode: round((u + 1) * top / 2). |d| <= R, so u is in [-1, 1] and the codes in
+    # [0, top]: the clamp of grid_encode never acts on a finite input.
     u += np.float32(1.0)
     u *= np.float32(top / 2.0)
     np.rint(u, out=u)
-    np.clip(u, 0, top, out=u)
+    for i, r in enumerate(radii):
+        if r == 0:
+            # R_k = 0: the innovation is zero; code the level nearest 0, scaled by 0 it decodes to 0.
+            u[offsets[i]:offsets[i + 1]] = (1 << bits) // 2
     codes = u.astype(np.uint8 if bits <= 8 else np.uint16)
-    for i in np.flatnonzero(zero):
-        # R_k = 0: the innovation is zero; code the level nearest 0, scaled by 0 it decodes to 0.
-        codes[offsets[i]:offsets[i + 1]] = (1 << bits) // 2
-    values = _split(_laq_values(p_flat, radius_e, codes, bits), shapes, offsets)
+    packed = bitpack.pack_segments(codes, bits, offsets)
+    u *= np.float32(2.0 / top)
+    u -= np.float32(1.0)
+    values = _laq_values(u, radii, offsets, p_flat, shapes)
     scales = torch.from_numpy(radii)
-    return [Quantized(scales[i], bitpack.pack(codes[offsets[i]:offsets[i + 1]], bits), values[i])
-            for i in range(len(gs))]
+    return [Quantized(scales[i], packed[i], values[i]) for i in range(len(gs))]
 
 
 def laq_dequantize_many(q_prevs: list[torch.Tensor], scales, packed: list[torch.Tensor], bits: int) -> list[torch.Tensor]:
@@ -211,15 +224,16 @@ def laq_dequantize_many(q_prevs: list[torch.Tensor], scales, packed: list[torch.
     else:
         radii = np.array([float(_check_scale(s)) for s in scales], dtype=np.float32)
     shapes = [q.shape for q in q_prevs]
-    sizes = np.array([math.prod(s) for s in shapes], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    offsets = _offsets(shapes)
     try:
-        parts = [bitpack.unpack_array(p, bits, int(n)) for p, n in zip(packed, sizes)]
+        parts = [bitpack.unpack_array(p, bits, offsets[i + 1] - offsets[i]) for i, p in enumerate(packed)]
     except ValueError as exc:
         raise ProtocolError(str(exc)) from None
-    codes = parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts else np.empty(0, np.uint8))
-    values = _laq_values(_flat(q_prevs), np.repeat(radii, sizes), codes, bits)
-    return _split(values, shapes, offsets)
+    level = np.concatenate(parts, dtype=np.float32) if parts else np.empty(0, dtype=np.float32)
+    top = (1 << bits) - 1
+    level *= np.float32(2.0 / top)
+    level -= np.float32(1.0)
+    return _laq_values(level, radii, offsets, _flat(q_prevs), shapes)
 
 
 # ---- Logarithmic quantizer (LQ-SGD) --------------------------------------------------------------
