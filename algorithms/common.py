@@ -214,7 +214,8 @@ def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int):
        sketch: None;
     2. whether Q holds A's range: ||(I - Q Q^T) A P||_F <= :data:`_CAPTURED` ||A P||_F
        (E ||M p||^2 = ||M||_F^2 for a Gaussian p, so both sides estimate the Frobenius
-       norms of the residual and of A with the same probes), else None;
+       norms of the residual and of A with the same probes; both come from the Gram of
+       [Y | A P], without another product with A), else None;
     3. B = Q^T A (r x n) and the eigendecomposition B B^T = W S^2 W^T in float64:
        U = Q W, V^T = S^-1 W^T B, exact up to rounding for the components above :data:`_NULL`;
     4. when fewer than k components remain (A's rank is below k, e.g. a batch-32 gradient
@@ -234,24 +235,27 @@ def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int):
     # microseconds of dispatch, more than the arithmetic on a 32 x 32 matrix.
     m, n = a.shape
     yp = a @ sketch
-    y = yp[:, :width].double()
-    gram = (y.T @ y).numpy()
-    top = float(gram.diagonal().max())
+    ypd = yp.double()
+    gram = (ypd.T @ ypd).numpy()  # [Y | A P]^T [Y | A P], exact sums of float32 products
+    top = float(gram.diagonal()[:width].max())
     if not top > 0:  # A Omega = 0: A is zero (or Omega missed all of it: let the full SVD see)
         return (a.new_zeros(m, k), a.new_zeros(k), a.new_zeros(k, n)) if not bool(a.any()) else None
-    c, piv, rank, info = lapack.dpstrf(gram, lower=0, tol=_RANK_TOL ** 2 * top)
+    c, piv, rank, info = lapack.dpstrf(gram[:width, :width], lower=0, tol=_RANK_TOL ** 2 * top)
     if info < 0 or rank >= width:
         return None
     r_inv, info = lapack.dtrtri(c[:rank, :rank], lower=0)  # reads (and writes) the upper triangle only
     if info != 0:
         return None
-    q = y[:, torch.from_numpy(piv[:rank].astype(np.int64) - 1)] @ torch.from_numpy(np.triu(r_inv))
-    qf = q.to(a.dtype)
-    b = qf.T @ a
-    ap = yp[:, width:]
-    missed = torch.addmm(ap, qf, b @ sketch[:, width:], alpha=-1.0)
-    if np.linalg.norm(missed.numpy()) > _CAPTURED * np.linalg.norm(ap.numpy()):
+    r_inv = np.triu(r_inv)
+    chosen = piv[:rank].astype(np.int64) - 1
+    # ||(I - Q Q^T) A P||_F^2 = ||A P||_F^2 - ||Q^T A P||_F^2 with Q^T A P = R^-T Y_S^T A P: all
+    # from the Gram in float64, whose rounding (~1e-16) is far below the threshold (1e-8 squared)
+    seen = r_inv.T @ gram[chosen, width:]
+    total = float(np.trace(gram[width:, width:]))
+    if total - float((seen * seen).sum()) > _CAPTURED ** 2 * total:
         return None
+    qf = (ypd[:, torch.from_numpy(chosen)] @ torch.from_numpy(r_inv)).to(a.dtype)
+    b = qf.T @ a
     bd = b.double()
     lam, w, info = lapack.dsyevd((bd @ bd.T).numpy())
     if info != 0:

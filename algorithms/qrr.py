@@ -101,10 +101,13 @@ def tucker_to_tensor(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.T
     return out
 
 
-def align_svd(u, s, vh, u_prev, vh_prev):
-    """Flip each pair (u_j, v_j) whose direction disagrees with the previous round's."""
+def align_svd(u, s, vh, u_prev, vh_prev, inplace: bool = False):
+    """Flip each pair (u_j, v_j) whose direction disagrees with the previous round's
+    (``inplace``: in ``u`` and ``vh`` themselves, which the caller owns)."""
     agree = (u * u_prev).sum(0) + (vh * vh_prev).sum(1)
     sign = torch.where(agree < 0, -1.0, 1.0)
+    if inplace:
+        return u.mul_(sign), s, vh.mul_(sign[:, None])
     return u * sign, s, vh * sign[:, None]
 
 
@@ -176,8 +179,8 @@ class QRR(DifferentialQuantized):
                     u, s, vh = truncated_svd(g, k)
                 else:
                     u, s, vh = randomized_svd(g, k, generator)
-                if align:
-                    u, s, vh = align_svd(u, s, vh, previous[f"{name}{SEP}U"], previous[f"{name}{SEP}V"])
+                if align:  # the factors are this call's own: flip them in place
+                    u, s, vh = align_svd(u, s, vh, previous[f"{name}{SEP}U"], previous[f"{name}{SEP}V"], inplace=True)
                 out.update({f"{name}{SEP}U": u, f"{name}{SEP}S": s, f"{name}{SEP}V": vh})
             elif plan[0] == "tucker":
                 core, factors = tucker(g, plan[1])
