@@ -23,8 +23,12 @@ p in {0.1, 0.2, 0.3}). Departures, each deliberate:
 Per parameter tensor of client m's minibatch gradient, with p = ``rank_fraction``:
 
 * 2-D (m x n): truncated SVD keeping k = ceil(p min(m, n)) singular triplets, U (m x k),
-  S (k), V^T (k x n). ``svd = "exact"`` uses ``torch.linalg.svd``; ``"randomized"`` a
-  randomised range finder (Halko et al.: k + 5 columns, 2 power iterations) drawn from the
+  S (k), V^T (k x n). ``svd = "exact"``: the best rank-k factors; a minibatch gradient has
+  rank at most the batch, so when a fixed Gaussian sketch of k + 5 columns holds its whole
+  range (checked) they come from sketch-sized matrices (:func:`common.exact_truncated_svd`;
+  triplets beyond the gradient's rank are zeros), otherwise from ``torch.linalg.svd``;
+  ``"randomized"`` a randomised range finder (Halko et al.: k + 5 columns, 2 power
+  iterations, skipped when the first sketch already holds the range) drawn from the
   client's seeded generator;
 * 4-D conv (o x i x h x w): Tucker decomposition (tensorly, pytorch backend, HOOI from an SVD
   start) with ranks ceil(p dim) on all four modes: a core and four factor matrices;
@@ -43,6 +47,11 @@ With ``align_signs`` (default) each component is flipped to agree with the mirro
 of the previous round before quantizing (for SVD the pair (u_j, v_j) together; for Tucker a
 factor column together with the core slice it multiplies), which leaves the product
 unchanged. tests/test_compression_qrr.py measures the radius it saves.
+
+Cost (bench/compress_cost.py, MLP 784-200-10, batch 32, one thread): a client's encode is
+the sketch's two products with the 200 x 784 gradient, small float64 factorisations, one
+batched quantizer pass over all factors (:func:`quantizers.laq_quantize_many`) and the
+accumulator's hash; see the README's benchmark table for the figures.
 
 payload_bits (uplink, per upload), from the authors' code (Kritsos/QRR-code):
   FC layer (m x n, rank k):  3 * 32 + b (m k + k + k n)

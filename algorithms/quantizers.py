@@ -34,6 +34,12 @@ Logarithmic quantizer (LQ-SGD): normalise by s = ||x||_inf (float32, 32 bits), t
     log_dequantize(scale, packed, bits, alpha, shape) -> x_hat
     log_bits(numel, bits) -> int                   # 32 + b * numel  (bits)
 
+The LAQ functions run on numpy arrays, all of a message's tensors as one flat float32 array
+(``*_many``; the single-tensor functions are the same code with one tensor): each step is one
+in-place pass with one radius per tensor, the same float32 operations in the same order as the
+per-tensor torch formula (bit-identical codes, bytes and values, tests/test_quantizers.py),
+for a fraction of the dispatch overhead when a message has many small tensors (QRR's factors).
+
 Receivers call the ``*_dequantize`` functions on untrusted bytes: they raise
 :class:`~algorithms.base.ProtocolError` on a malformed buffer (wrong length, dtype, padding),
 a non-finite or negative scale. Encoders raise ``ValueError`` on a non-finite input: a method
