@@ -160,8 +160,14 @@ SKETCH_SEED = 0x5EC7
 PROBE_SEED = 0x9B0E
 """Seed of the fixed Gaussian probes that estimate how much of a matrix a sketch misses."""
 PROBES = 8
-"""Probe vectors of the residual estimate (:func:`_range_svd`)."""
-_FIXED: dict[tuple, torch.Tensor] = {}
+"""Probe vectors of the residual estimate (:func:`_range_svd`), at least: :func:`_probes` rounds
+the sketch and the probes up to a multiple of 16 columns, which MKL's float32 product takes
+faster than a ragged width (200 x 784 times 784 x 80: ~0.38 ms here, times 784 x 73: ~0.43)."""
+
+
+def _probes(width: int) -> int:
+    return PROBES + (-(width + PROBES)) % 16
+_FIXED: dict[tuple, torch.Tensor | np.ndarray] = {}
 _CAPTURED = 1e-4
 """A sketch holds a matrix's range when the residual ||A - Q Q^T A||_F is at most this fraction
 of ||A||_F (float32 rounding of an exactly captured range stays near 1e-6)."""
@@ -173,6 +179,16 @@ singular values above ~2e-3 of the largest and float32 rounding near 1e-7 (measu
 _NULL = 1e-6
 """Singular values below this fraction of the largest are float32 rounding: their triplets are
 returned as zeros (see :func:`_range_svd`)."""
+
+
+def align_svd(u, s, vh, u_prev, vh_prev, inplace: bool = False):
+    """Flip each pair (u_j, v_j) whose direction disagrees with the previous round's
+    (``inplace``: in ``u`` and ``vh`` themselves, which the caller owns)."""
+    agree = (u * u_prev).sum(0) + (vh * vh_prev).sum(1)
+    sign = torch.where(agree < 0, -1.0, 1.0)
+    if inplace:
+        return u.mul_(sign), s, vh.mul_(sign[:, None])
+    return u * sign, s, vh * sign[:, None]
 
 
 def _fixed_gaussian(rows: int, cols: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -200,11 +216,19 @@ def _svd_from_range(q: torch.Tensor, b: torch.Tensor, k: int):
     return (q @ ur[:, :k]), s[:k], vhr[:k] @ qb.T
 
 
-def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int):
+def _upper_ones(r: int) -> np.ndarray:
+    key = ("upper", r)
+    mask = _FIXED.get(key)
+    if mask is None:
+        mask = _FIXED[key] = np.triu(np.ones((r, r)))
+    return mask
+
+
+def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int, align_to=None):
     """Rank-k (U, S, V^T) of a float32 ``a`` whose range a sketch holds, else None.
 
-    ``sketch`` is [Omega | P]: ``width`` sketch columns, then :data:`PROBES` fixed Gaussian
-    probes; one product A [Omega | P] serves both. Steps, all on matrices of the sketch's
+    ``sketch`` is [Omega | P]: ``width`` sketch columns, then fixed Gaussian probes
+    (:func:`_probes`); one product A [Omega | P] serves both. Steps, all on matrices of the sketch's
     size (float64 where squaring a condition number would cost float32 precision):
 
     1. the numerical rank r of Y = A Omega, and an orthonormal basis Q of its span: pivoted
@@ -246,7 +270,7 @@ def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int):
     r_inv, info = lapack.dtrtri(c[:rank, :rank], lower=0)  # reads (and writes) the upper triangle only
     if info != 0:
         return None
-    r_inv = np.triu(r_inv)
+    r_inv *= _upper_ones(rank)  # what is left below the diagonal is pstrf's input, not R^-1
     chosen = piv[:rank].astype(np.int64) - 1
     # ||(I - Q Q^T) A P||_F^2 = ||A P||_F^2 - ||Q^T A P||_F^2 with Q^T A P = R^-T Y_S^T A P: all
     # from the Gram in float64, whose rounding (~1e-16) is far below the threshold (1e-8 squared)
@@ -254,7 +278,7 @@ def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int):
     total = float(np.trace(gram[width:, width:]))
     if total - float((seen * seen).sum()) > _CAPTURED ** 2 * total:
         return None
-    qf = (ypd[:, torch.from_numpy(chosen)] @ torch.from_numpy(r_inv)).to(a.dtype)
+    qf = (ypd.index_select(1, torch.from_numpy(chosen)) @ torch.from_numpy(r_inv)).to(a.dtype)
     b = qf.T @ a
     bd = b.double()
     lam, w, info = lapack.dsyevd((bd @ bd.T).numpy())
@@ -271,6 +295,14 @@ def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int):
     s_k[:keep] = s[:keep]
     scaled = np.zeros((k, rank), dtype=np.float32)
     scaled[:keep] = w[:, ::-1][:, :keep].T / s[:keep, None]
+    if align_to is not None:
+        # align_svd's test, u_j . u_prev_j + v_j . v_prev_j < 0, on the small factors of
+        # U = Q W_k and V^T = S^-1 W_k^T B, and the flips made there, before the products
+        u_prev, vh_prev = align_to
+        agree = (w_k * (qf.T @ u_prev).numpy()).sum(0) + (scaled.T * (b @ vh_prev.T).numpy()).sum(0)
+        flip = agree < 0
+        w_k[:, flip] *= -1
+        scaled[flip] *= -1
     return qf @ torch.from_numpy(w_k), torch.from_numpy(s_k), torch.from_numpy(scaled) @ b
 
 
@@ -283,7 +315,8 @@ def _fast_path(a: torch.Tensor, width: int) -> bool:
     return a.dtype == torch.float32 and a.device.type == "cpu" and 2 * width <= min(a.shape)
 
 
-def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5,
+                        align_to: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best rank-k factors (U, S, V^T) of ``a`` (Eckart-Young), cheaply when ``a`` has low rank.
 
     A minibatch gradient of a linear layer has rank at most the batch size (32 against 200 for
@@ -297,7 +330,8 @@ def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5) -> tuple[t
     Singular vectors are defined up to sign (and within repeated singular values), as with any
     SVD. On the sketch's path, triplets beyond A's numerical rank are zeros (U diag(S) V^T is
     unchanged; see :func:`_range_svd`); the full SVD's are singular vectors of zero singular
-    values."""
+    values. ``align_to`` = (U_prev, V^T_prev): flip each pair (u_j, v_j) as :func:`align_svd`
+    does (on the sketch's path, on its small factors before the products that form U and V^T)."""
     m, n = a.shape
     width = min(k + oversample, m, n)
     if width < min(m, n):
@@ -305,33 +339,40 @@ def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5) -> tuple[t
             sketch = _FIXED.get(("sketch", n, width))
             if sketch is None:
                 sketch = _FIXED[("sketch", n, width)] = torch.cat(
-                    [_fixed_gaussian(n, width, SKETCH_SEED), _fixed_gaussian(n, PROBES, PROBE_SEED)], dim=1)
-            out = _range_svd(a, sketch, width, k)
+                    [_fixed_gaussian(n, width, SKETCH_SEED), _fixed_gaussian(n, _probes(width), PROBE_SEED)], dim=1)
+            out = _range_svd(a, sketch, width, k, align_to)
             if out is not None:
                 return out
         elif a.dtype != torch.float32 or a.device.type != "cpu":
             q, b, captured = _sketch_range(a, _fixed_gaussian(n, width, SKETCH_SEED, a.dtype).to(a.device))
             if captured:
-                return _svd_from_range(q, b, k)
+                return _aligned(_svd_from_range(q, b, k), align_to)
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return u[:, :k], s[:k], vh[:k]
+    return _aligned((u[:, :k], s[:k], vh[:k]), align_to)
+
+
+def _aligned(factors, align_to):
+    """``factors`` (this module's own tensors) with :func:`align_svd` applied in place."""
+    return factors if align_to is None else align_svd(*factors, *align_to, inplace=True)
 
 
 def randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator, oversample: int = 5,
-                   power_iters: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   power_iters: int = 2,
+                   align_to: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-k (U, S, V^T) of ``a`` from a seeded randomised range finder (Halko et al. 2011).
 
     The power iterations sharpen a sketch that misses part of A's range; when the first
     sketch already holds all of it (A's rank below k + ``oversample``, the usual case for a
     minibatch gradient) they cannot improve anything and are skipped, and the SVD comes from
     the sketch as in :func:`exact_truncated_svd`. The draws from ``generator`` are the same
-    either way.
+    either way. ``align_to``: as in :func:`exact_truncated_svd`.
     """
     m, n = a.shape
     width = min(k + oversample, m, n)
     omega = torch.randn(n, width, generator=generator, dtype=a.dtype)
     if width < min(m, n) and _fast_path(a, width):
-        out = _range_svd(a, torch.cat([omega, _fixed_gaussian(n, PROBES, PROBE_SEED)], dim=1), width, k)
+        out = _range_svd(a, torch.cat([omega, _fixed_gaussian(n, _probes(width), PROBE_SEED)], dim=1), width, k,
+                         align_to)
         if out is not None:
             return out
     q, b, captured = _sketch_range(a, omega)
@@ -339,4 +380,4 @@ def randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator, oversamp
         for _ in range(power_iters):
             q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
         b = q.T @ a
-    return _svd_from_range(q, b, k)
+    return _aligned(_svd_from_range(q, b, k), align_to)

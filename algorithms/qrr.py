@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Params, check, register
-from .common import exact_truncated_svd, randomized_svd as common_randomized_svd
+from .common import align_svd, exact_truncated_svd, randomized_svd as common_randomized_svd  # noqa: F401 (align_svd: re-exported)
 from .laq import DifferentialQuantized
 
 SEP = "|"
@@ -77,17 +77,18 @@ OVERSAMPLE = 5
 POWER_ITERS = 2
 
 
-def truncated_svd(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(a: torch.Tensor, k: int, align_to=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best rank-k factors (U, S, V^T) of ``a`` (Eckart-Young); cheap for a low-rank ``a``
-    (:func:`common.exact_truncated_svd`)."""
-    return exact_truncated_svd(a, k)
+    (:func:`common.exact_truncated_svd`); ``align_to`` = (U_prev, V^T_prev): signs aligned
+    as :func:`align_svd` does."""
+    return exact_truncated_svd(a, k, align_to=align_to)
 
 
 def randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator,
-                   oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS):
+                   oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS, align_to=None):
     """Rank-k (U, S, V^T) of ``a`` from a seeded randomised range finder (Halko et al. 2011;
     :func:`common.randomized_svd`)."""
-    return common_randomized_svd(a, k, generator, oversample, power_iters)
+    return common_randomized_svd(a, k, generator, oversample, power_iters, align_to)
 
 
 def tucker(t: torch.Tensor, ranks: tuple[int, ...], n_iter_max: int = 5) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -108,16 +109,6 @@ def tucker_to_tensor(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.T
     for mode, f in enumerate(factors):
         out = torch.movedim(torch.tensordot(f, torch.movedim(out, mode, 0), dims=([1], [0])), 0, mode)
     return out
-
-
-def align_svd(u, s, vh, u_prev, vh_prev, inplace: bool = False):
-    """Flip each pair (u_j, v_j) whose direction disagrees with the previous round's
-    (``inplace``: in ``u`` and ``vh`` themselves, which the caller owns)."""
-    agree = (u * u_prev).sum(0) + (vh * vh_prev).sum(1)
-    sign = torch.where(agree < 0, -1.0, 1.0)
-    if inplace:
-        return u.mul_(sign), s, vh.mul_(sign[:, None])
-    return u * sign, s, vh * sign[:, None]
 
 
 def align_tucker(core, factors, previous):
@@ -184,12 +175,12 @@ class QRR(DifferentialQuantized):
             g = grads[name].detach().to(torch.float32)
             if plan[0] == "svd":
                 k = plan[1]
+                # align_svd's flips, made by the SVD itself (on its small factors where it can)
+                prev = (previous[f"{name}{SEP}U"], previous[f"{name}{SEP}V"]) if align else None
                 if self.config.svd == "exact":
-                    u, s, vh = truncated_svd(g, k)
+                    u, s, vh = truncated_svd(g, k, align_to=prev)
                 else:
-                    u, s, vh = randomized_svd(g, k, generator)
-                if align:  # the factors are this call's own: flip them in place
-                    u, s, vh = align_svd(u, s, vh, previous[f"{name}{SEP}U"], previous[f"{name}{SEP}V"], inplace=True)
+                    u, s, vh = randomized_svd(g, k, generator, align_to=prev)
                 out.update({f"{name}{SEP}U": u, f"{name}{SEP}S": s, f"{name}{SEP}V": vh})
             elif plan[0] == "tucker":
                 core, factors = tucker(g, plan[1])

@@ -165,3 +165,21 @@ def test_exact_svd_of_a_low_rank_float32_gradient_and_its_fallbacks():
     zero = torch.zeros(200, 784)
     u, s, vh = truncated_svd(zero, 60)
     assert not u.any() and not s.any() and not vh.any()
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_svd_aligns_signs_itself_as_align_svd_does(svd):
+    """truncated_svd / randomized_svd with ``align_to`` flip the same pairs as align_svd on
+    their unaligned output (on the sketch's path the flips are made on its small factors)."""
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(200, 20, generator=g) @ torch.randn(20, 784, generator=g)
+    prev_u, prev_vh = torch.randn(200, 30, generator=g), torch.randn(30, 784, generator=g)
+    if svd == "exact":
+        plain, aligned = truncated_svd(a, 30), truncated_svd(a, 30, align_to=(prev_u, prev_vh))
+    else:
+        plain = randomized_svd(a, 30, torch.Generator().manual_seed(1))
+        aligned = randomized_svd(a, 30, torch.Generator().manual_seed(1), align_to=(prev_u, prev_vh))
+    expected = align_svd(*plain, prev_u, prev_vh)
+    assert any(bool((x < 0).any()) for x in ((plain[0] * expected[0]).sum(0),))  # some pair was flipped
+    for got, want in zip(aligned, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
