@@ -306,13 +306,57 @@ def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int, align_
     return qf @ torch.from_numpy(w_k), torch.from_numpy(s_k), torch.from_numpy(scaled) @ b
 
 
+def _gram_svd(a: torch.Tensor, k: int, align_to=None):
+    """Rank-k (U, S, V^T) of a small float32 matrix from the eigendecomposition of its Gram
+    matrix on the smaller side, in float64 (G = A A^T = W S^2 W^T, U = W, V^T = S^-1 W^T A for
+    a wide A; the transpose for a tall one): a 10 x 10 eigenproblem for a 10 x 200 gradient,
+    where LAPACK's SVD and its torch wrapper cost several times more. Float64 keeps the
+    squared condition number harmless down to singular values of 1e-6 of the largest, below
+    which (:data:`_NULL`) the triplets are zeros, as on the sketch's path."""
+    from scipy.linalg import lapack
+
+    x = a.numpy().astype(np.float64)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    lam, w, info = lapack.dsyevd(x @ x.T)
+    if info != 0:
+        return None
+    s = np.sqrt(np.maximum(lam[::-1], 0.0))
+    keep = min(k, int((s > _NULL * s[0]).sum())) if s.size and s[0] > 0 else 0
+    left = np.zeros((x.shape[0], k))
+    left[:, :keep] = w[:, ::-1][:, :keep]
+    right = np.zeros((k, x.shape[1]))
+    right[:keep] = (left[:, :keep].T @ x) / s[:keep, None]
+    if tall:
+        left, right = right.T, left.T
+    if align_to is not None:
+        u_prev, vh_prev = (t.numpy() for t in align_to)
+        flip = ((left * u_prev).sum(0) + (right * vh_prev).sum(1)) < 0
+        left[:, flip] *= -1
+        right[flip] *= -1
+    s_k = np.zeros(k, dtype=np.float32)
+    s_k[:keep] = s[:keep]
+    return (torch.from_numpy(left.astype(np.float32)), torch.from_numpy(s_k),
+            torch.from_numpy(right.astype(np.float32)))
+
+
+def _cpu32(a: torch.Tensor) -> bool:
+    return a.dtype == torch.float32 and a.device.type == "cpu" and not a.requires_grad
+
+
 def _fast_path(a: torch.Tensor, width: int) -> bool:
     """:func:`_range_svd` serves float32 matrices on the CPU whose smaller side is at least twice
     the sketch (the 784-200-10 MLP's first layer). A smaller float32 one (a 10 x 200 head, k = 3:
-    a sketch of 8 against rank 9, since a softmax layer's gradient rows sum to zero) goes to the
-    full SVD at once, which is where the sketch sent it anyway, minus the sketch's cost; other
-    dtypes and devices keep the QR-based sketch (:func:`_sketch_range`, :func:`_svd_from_range`)."""
-    return a.dtype == torch.float32 and a.device.type == "cpu" and 2 * width <= min(a.shape)
+    a sketch of 8 against rank 9, since a softmax layer's gradient rows sum to zero) goes to
+    :func:`_gram_svd` at once; other dtypes and devices keep the QR-based sketch
+    (:func:`_sketch_range`, :func:`_svd_from_range`)."""
+    return _cpu32(a) and 2 * width <= min(a.shape)
+
+
+_SMALL = 64
+"""Float32 matrices whose smaller side is at most this (and too small for the sketch) take
+:func:`_gram_svd`; larger ones that the sketch does not capture take ``torch.linalg.svd``."""
 
 
 def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5,
@@ -343,10 +387,14 @@ def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5,
             out = _range_svd(a, sketch, width, k, align_to)
             if out is not None:
                 return out
-        elif a.dtype != torch.float32 or a.device.type != "cpu":
+        elif not _cpu32(a):
             q, b, captured = _sketch_range(a, _fixed_gaussian(n, width, SKETCH_SEED, a.dtype).to(a.device))
             if captured:
                 return _aligned(_svd_from_range(q, b, k), align_to)
+    if _cpu32(a) and min(m, n) <= _SMALL and not _fast_path(a, width):
+        out = _gram_svd(a, k, align_to)
+        if out is not None:
+            return out
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
     return _aligned((u[:, :k], s[:k], vh[:k]), align_to)
 
