@@ -338,7 +338,7 @@ class DifferentialQuantized(Algorithm):
         tag = accumulator_tag(new)
         state["pending"] = {"Q": new, "tag": tag, "err2": err2}
         tensors = {name: q.packed for name, q in quantized.items()}
-        tensors[RADII] = torch.stack([q.scale for q in quantized.values()]) if quantized else torch.zeros(0)
+        tensors[RADII] = torch.tensor([float(q.scale) for q in quantized.values()], dtype=torch.float32)
         return Payload(tensors=tensors, meta={"base": ack, "reset": reset, "tag": tag}, payload_bits=self.upload_bits())
 
     def client_digest(self, state: dict[str, Any]) -> bytes:
