@@ -368,9 +368,10 @@ def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5,
     fixed Gaussian Omega already spans A's whole range; the SVD then comes from matrices of the
     sketch's size (:func:`_range_svd`: about two products of A with a thin matrix). Whether the
     range was captured is checked; when it was not (A's rank exceeds the sketch: e.g. a batch
-    of 500), ``torch.linalg.svd`` decides, as it does at once for float32 matrices too small for
-    the sketch to pay (:func:`_fast_path`); float64 or non-CPU matrices take a QR-based sketch
-    (a QR of the sketch, the residual A - Q Q^T A, a QR and an SVD of the small factor).
+    of 500), ``torch.linalg.svd`` decides. Float32 matrices too small for the sketch to pay
+    (:func:`_fast_path`; smaller side at most :data:`_SMALL`) take :func:`_gram_svd`; float64 or
+    non-CPU matrices take a QR-based sketch (a QR of the sketch, the residual A - Q Q^T A, a QR
+    and an SVD of the small factor), then ``torch.linalg.svd``.
     Singular vectors are defined up to sign (and within repeated singular values), as with any
     SVD. On the sketch's path, triplets beyond A's numerical rank are zeros (U diag(S) V^T is
     unchanged; see :func:`_range_svd`); the full SVD's are singular vectors of zero singular
