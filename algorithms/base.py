@@ -229,6 +229,10 @@ def check_int(key: str, value: Any, low: int, high: int | None = None, note: str
     check(ok, key, value, f"must be an integer {span}{note}")
 
 
+_NUMPY_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.int16,
+                           torch.int8, torch.uint8, torch.bool})
+
+
 def state_digest(state: Mapping[str, Any]) -> bytes:
     """A byte digest of tensors (and scalars) in a mapping, independent of insertion order."""
     h = hashlib.sha256()
@@ -236,11 +240,21 @@ def state_digest(state: Mapping[str, Any]) -> bytes:
         value = state[key]
         h.update(key.encode())
         if isinstance(value, torch.Tensor):
-            t = value.detach().contiguous().cpu()
+            t = value
+            if t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES and not t.requires_grad and t.is_contiguous():
+                # the common case in fewer steps: a CPU tensor's own buffer, in C order
+                buf = t.numpy()
+                if buf.flags.c_contiguous:
+                    h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
+                    if t.numel():
+                        h.update(buf)
+                    continue
+            t = t.detach().contiguous().cpu()
             h.update(str(t.dtype).encode() + str(tuple(t.shape)).encode())
             # flatten first: a "contiguous" tensor with a size-1 dim may keep a stride != 1
             # there (a rank-1 QR factor), which view(uint8) refuses
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():  # the buffer itself, not a bytes copy of it
+                h.update(t.reshape(-1).view(torch.uint8).numpy())
         elif isinstance(value, Mapping):
             h.update(state_digest(value))
         else:

@@ -4,6 +4,8 @@ Stable API (other methods build on it; do not change the signatures):
 
     pack(codes, bits) -> torch.Tensor            # uint8, 1-D, packed_nbytes(codes.numel(), bits) long
     unpack(packed, bits, count) -> torch.Tensor  # int64, 1-D, ``count`` codes in [0, 2**bits)
+    unpack_array(packed, bits, count) -> np.ndarray  # the same codes, uint8 (b <= 8) or uint16
+    pack_segments(codes, bits, offsets) -> [torch.Tensor]  # pack() of each segment of one array
     packed_nbytes(count, bits) -> int            # bytes that ``count`` codes of ``bits`` bits occupy
     check_bits(bits) -> None                     # ValueError unless 1 <= bits <= 16 (an int)
 
@@ -14,7 +16,9 @@ padding bits are not zero, raises ``ValueError`` (the receiver of a malformed me
 into a ``ProtocolError``). Empty and odd lengths are fine.
 
 Pure numpy, vectorised (no Python loop over values): pack expands each code into its b bit
-planes and lets ``np.packbits`` fuse them; unpack is the inverse.
+planes and lets ``np.packbits`` fuse them; unpack is the inverse. At b = 8 (LAQ's and QRR's
+usual width) the layout is the codes themselves: uint8 codes pack with one copy and unpack as a
+view.
 """
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ def pack(codes: torch.Tensor | np.ndarray, bits: int) -> torch.Tensor:
         return torch.empty(0, dtype=torch.uint8)
     if not np.issubdtype(c.dtype, np.integer):
         raise ValueError(f"codes must be integers, got dtype {c.dtype}")
+    if bits == 8 and c.dtype == np.uint8:
+        # every uint8 is an 8-bit code and the layout is the codes themselves: one copy
+        return torch.from_numpy(c.copy())
     if int(c.min()) < 0 or int(c.max()) >= (1 << bits):
         raise ValueError(f"codes out of range for {bits} bits: [{int(c.min())}, {int(c.max())}]")
     c = c.astype(np.uint32, copy=False)
@@ -60,8 +67,25 @@ def pack(codes: torch.Tensor | np.ndarray, bits: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out))
 
 
+def pack_segments(codes: np.ndarray, bits: int, offsets: list[int]) -> list[torch.Tensor]:
+    """:func:`pack` of each segment ``codes[offsets[i]:offsets[i + 1]]`` of one unsigned code
+    array whose values are known to fit ``bits`` (a quantizer's own output). At b = 8 the
+    packed bytes are the codes: the segments are views of one buffer, no copy."""
+    check_bits(bits)
+    if bits == 8 and codes.dtype == np.uint8:
+        return [torch.from_numpy(codes[offsets[i]:offsets[i + 1]]) for i in range(len(offsets) - 1)]
+    return [pack(codes[offsets[i]:offsets[i + 1]], bits) for i in range(len(offsets) - 1)]
+
+
 def unpack(packed: torch.Tensor | np.ndarray, bits: int, count: int) -> torch.Tensor:
     """Inverse of :func:`pack`: ``count`` int64 codes from a uint8 buffer. Strict (see module doc)."""
+    return torch.from_numpy(np.ascontiguousarray(unpack_array(packed, bits, count), dtype=np.int64))
+
+
+def unpack_array(packed: torch.Tensor | np.ndarray, bits: int, count: int) -> np.ndarray:
+    """As :func:`unpack`, as a 1-D numpy array of the narrowest unsigned type that holds b bits
+    (uint8 for b <= 8, uint16 above; for b = 8 a read-only view of ``packed``): what a caller
+    that only converts the codes to float needs, without an int64 copy."""
     need = packed_nbytes(count, bits)
     if isinstance(packed, torch.Tensor):
         if packed.dtype != torch.uint8:
@@ -73,16 +97,18 @@ def unpack(packed: torch.Tensor | np.ndarray, bits: int, count: int) -> torch.Te
             raise ValueError(f"packed codes must be uint8, got {p.dtype}")
     if p.ndim != 1 or p.size != need:
         raise ValueError(f"packed codes must be a 1-D buffer of {need} bytes for {count} x {bits} bits, got shape {tuple(p.shape)}")
+    narrow = np.uint8 if bits <= 8 else np.uint16
     if count == 0:
-        return torch.empty(0, dtype=torch.int64)
+        return np.empty(0, dtype=narrow)
     spare = need * 8 - count * bits
     if spare and int(p[-1]) >> (8 - spare):
         raise ValueError("non-zero padding bits after the last code")
     if bits == 8:
-        out = p.astype(np.int64)
-    elif bits == 16:
-        out = p.view("<u2").astype(np.int64)
-    else:
-        planes = np.unpackbits(p, count=count * bits, bitorder="little").reshape(count, bits)
-        out = (planes.astype(np.int64) << np.arange(bits, dtype=np.int64)).sum(axis=1)
-    return torch.from_numpy(np.ascontiguousarray(out))
+        out = p.view()
+        out.flags.writeable = False
+        return out
+    if bits == 16:
+        return p.view("<u2").astype(np.uint16)
+    planes = np.unpackbits(p, count=count * bits, bitorder="little").reshape(count, bits)
+    weights = (1 << np.arange(bits)).astype(narrow)
+    return (planes.astype(narrow) * weights).sum(axis=1, dtype=narrow)

@@ -217,10 +217,46 @@ def dense_bits(params: Params) -> int:
 
 SKETCH_SEED = 0x5EC7
 """Seed of the fixed Gaussian test matrices of :func:`exact_truncated_svd` (no client randomness)."""
-_SKETCHES: dict[tuple[int, int, torch.dtype], torch.Tensor] = {}
+PROBE_SEED = 0x9B0E
+"""Seed of the fixed Gaussian probes that estimate how much of a matrix a sketch misses."""
+PROBES = 8
+"""Probe vectors of the residual estimate (:func:`_range_svd`), at least: :func:`_probes` rounds
+the sketch and the probes up to a multiple of 16 columns, which MKL's float32 product takes
+faster than a ragged width (200 x 784 times 784 x 80: ~0.38 ms here, times 784 x 73: ~0.43)."""
+
+
+def _probes(width: int) -> int:
+    return PROBES + (-(width + PROBES)) % 16
+_FIXED: dict[tuple, torch.Tensor | np.ndarray] = {}
 _CAPTURED = 1e-4
 """A sketch holds a matrix's range when the residual ||A - Q Q^T A||_F is at most this fraction
 of ||A||_F (float32 rounding of an exactly captured range stays near 1e-6)."""
+_RANK_TOL = 1e-5
+"""Numerical rank of a float32 sketch Y: columns within this fraction of Y's largest column
+norm of the span of the others add nothing. A minibatch gradient's sketch has its true
+singular values above ~2e-3 of the largest and float32 rounding near 1e-7 (measured on the
+784-200-10 MLP, batches 8-60): the threshold sits in that gap."""
+_NULL = 1e-6
+"""Singular values below this fraction of the largest are float32 rounding: their triplets are
+returned as zeros (see :func:`_range_svd`)."""
+
+
+def align_svd(u, s, vh, u_prev, vh_prev, inplace: bool = False):
+    """Flip each pair (u_j, v_j) whose direction disagrees with the previous round's
+    (``inplace``: in ``u`` and ``vh`` themselves, which the caller owns)."""
+    agree = (u * u_prev).sum(0) + (vh * vh_prev).sum(1)
+    sign = torch.where(agree < 0, -1.0, 1.0)
+    if inplace:
+        return u.mul_(sign), s, vh.mul_(sign[:, None])
+    return u * sign, s, vh * sign[:, None]
+
+
+def _fixed_gaussian(rows: int, cols: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    key = (rows, cols, seed, dtype)
+    t = _FIXED.get(key)
+    if t is None:
+        t = _FIXED[key] = torch.randn(rows, cols, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    return t
 
 
 def _sketch_range(a: torch.Tensor, omega: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -240,48 +276,217 @@ def _svd_from_range(q: torch.Tensor, b: torch.Tensor, k: int):
     return (q @ ur[:, :k]), s[:k], vhr[:k] @ qb.T
 
 
-def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _upper_ones(r: int) -> np.ndarray:
+    key = ("upper", r)
+    mask = _FIXED.get(key)
+    if mask is None:
+        mask = _FIXED[key] = np.triu(np.ones((r, r)))
+    return mask
+
+
+def _range_svd(a: torch.Tensor, sketch: torch.Tensor, width: int, k: int, align_to=None):
+    """Rank-k (U, S, V^T) of a float32 ``a`` whose range a sketch holds, else None.
+
+    ``sketch`` is [Omega | P]: ``width`` sketch columns, then fixed Gaussian probes
+    (:func:`_probes`); one product A [Omega | P] serves both. Steps, all on matrices of the sketch's
+    size (float64 where squaring a condition number would cost float32 precision):
+
+    1. the numerical rank r of Y = A Omega, and an orthonormal basis Q of its span: pivoted
+       Cholesky of Y^T Y (LAPACK ``dpstrf``; it stops when every remaining column of Y lies
+       within :data:`_RANK_TOL` of the span of the chosen ones), then Q = Y_S R^-1 (Cholesky
+       QR in float64 of the r chosen columns). r = width means A's rank may exceed the
+       sketch: None;
+    2. whether Q holds A's range: ||(I - Q Q^T) A P||_F <= :data:`_CAPTURED` ||A P||_F
+       (E ||M p||^2 = ||M||_F^2 for a Gaussian p, so both sides estimate the Frobenius
+       norms of the residual and of A with the same probes; both come from the Gram of
+       [Y | A P], without another product with A), else None;
+    3. B = Q^T A (r x n) and the eigendecomposition B B^T = W S^2 W^T in float64:
+       U = Q W, V^T = S^-1 W^T B, exact up to rounding for the components above :data:`_NULL`;
+    4. when fewer than k components remain (A's rank is below k, e.g. a batch-32 gradient
+       and k = 60), the missing triplets are zeros: U diag(S) V^T is still A's best rank-k
+       approximation. A full SVD would fill them with singular vectors of zero singular
+       values, an arbitrary orthonormal basis of A's null space that float32 rounding picks
+       anew each call. Zeros cost nothing to compute and, for QRR, to quantize: their
+       innovation is nil round after round, where arbitrary unit vectors change every round,
+       and the quantization error of their zero singular values no longer multiplies unit
+       vectors in the rebuilt gradient (measured on the 784-200-10 MLP, batch 32, p = 0.3,
+       b = 8: the mirrored gradient's relative error 3.8% with zeros vs 3.9% with an
+       orthonormal completion, exact SVD; 3.7% vs 4.0% randomised).
+    """
+    from scipy.linalg import lapack  # only here: scipy.linalg costs ~0.1 s to import
+
+    # Small matrices go through numpy and LAPACK directly: a torch call costs several
+    # microseconds of dispatch, more than the arithmetic on a 32 x 32 matrix.
+    m, n = a.shape
+    yp = a @ sketch
+    ypd = yp.double()
+    gram = (ypd.T @ ypd).numpy()  # [Y | A P]^T [Y | A P], exact sums of float32 products
+    top = float(gram.diagonal()[:width].max())
+    if not top > 0:  # A Omega = 0: A is zero (or Omega missed all of it: let the full SVD see)
+        return (a.new_zeros(m, k), a.new_zeros(k), a.new_zeros(k, n)) if not bool(a.any()) else None
+    c, piv, rank, info = lapack.dpstrf(gram[:width, :width], lower=0, tol=_RANK_TOL ** 2 * top)
+    if info < 0 or rank >= width:
+        return None
+    r_inv, info = lapack.dtrtri(c[:rank, :rank], lower=0)  # reads (and writes) the upper triangle only
+    if info != 0:
+        return None
+    r_inv *= _upper_ones(rank)  # what is left below the diagonal is pstrf's input, not R^-1
+    chosen = piv[:rank].astype(np.int64) - 1
+    # ||(I - Q Q^T) A P||_F^2 = ||A P||_F^2 - ||Q^T A P||_F^2 with Q^T A P = R^-T Y_S^T A P: all
+    # from the Gram in float64, whose rounding (~1e-16) is far below the threshold (1e-8 squared)
+    seen = r_inv.T @ gram[chosen, width:]
+    total = float(np.trace(gram[width:, width:]))
+    if total - float((seen * seen).sum()) > _CAPTURED ** 2 * total:
+        return None
+    qf = (ypd.index_select(1, torch.from_numpy(chosen)) @ torch.from_numpy(r_inv)).to(a.dtype)
+    b = qf.T @ a
+    bd = b.double()
+    lam, w, info = lapack.dsyevd((bd @ bd.T).numpy())
+    if info != 0:
+        return None
+    s = np.sqrt(np.maximum(lam[::-1], 0.0))
+    keep = min(k, int((s > _NULL * s[0]).sum()))
+    # W and S^-1 W^T padded with zeros to k: the products below give the zero triplets as is.
+    # V^T = S^-1 W^T B in float32: B's own float32 rounding (~1e-7 ||A||) already bounds how
+    # well a small singular value's vector is known, a float64 product would not add to it.
+    w_k = np.zeros((rank, k), dtype=np.float32)
+    w_k[:, :keep] = w[:, ::-1][:, :keep]
+    s_k = np.zeros(k, dtype=np.float32)
+    s_k[:keep] = s[:keep]
+    scaled = np.zeros((k, rank), dtype=np.float32)
+    scaled[:keep] = w[:, ::-1][:, :keep].T / s[:keep, None]
+    if align_to is not None:
+        # align_svd's test, u_j . u_prev_j + v_j . v_prev_j < 0, on the small factors of
+        # U = Q W_k and V^T = S^-1 W_k^T B, and the flips made there, before the products
+        u_prev, vh_prev = align_to
+        agree = (w_k * (qf.T @ u_prev).numpy()).sum(0) + (scaled.T * (b @ vh_prev.T).numpy()).sum(0)
+        flip = agree < 0
+        w_k[:, flip] *= -1
+        scaled[flip] *= -1
+    return qf @ torch.from_numpy(w_k), torch.from_numpy(s_k), torch.from_numpy(scaled) @ b
+
+
+def _gram_svd(a: torch.Tensor, k: int, align_to=None):
+    """Rank-k (U, S, V^T) of a small float32 matrix from the eigendecomposition of its Gram
+    matrix on the smaller side, in float64 (G = A A^T = W S^2 W^T, U = W, V^T = S^-1 W^T A for
+    a wide A; the transpose for a tall one): a 10 x 10 eigenproblem for a 10 x 200 gradient,
+    where LAPACK's SVD and its torch wrapper cost several times more. Float64 keeps the
+    squared condition number harmless down to singular values of 1e-6 of the largest, below
+    which (:data:`_NULL`) the triplets are zeros, as on the sketch's path."""
+    from scipy.linalg import lapack
+
+    x = a.numpy().astype(np.float64)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    lam, w, info = lapack.dsyevd(x @ x.T)
+    if info != 0:
+        return None
+    s = np.sqrt(np.maximum(lam[::-1], 0.0))
+    keep = min(k, int((s > _NULL * s[0]).sum())) if s.size and s[0] > 0 else 0
+    left = np.zeros((x.shape[0], k))
+    left[:, :keep] = w[:, ::-1][:, :keep]
+    right = np.zeros((k, x.shape[1]))
+    right[:keep] = (left[:, :keep].T @ x) / s[:keep, None]
+    if tall:
+        left, right = right.T, left.T
+    if align_to is not None:
+        u_prev, vh_prev = (t.numpy() for t in align_to)
+        flip = ((left * u_prev).sum(0) + (right * vh_prev).sum(1)) < 0
+        left[:, flip] *= -1
+        right[flip] *= -1
+    s_k = np.zeros(k, dtype=np.float32)
+    s_k[:keep] = s[:keep]
+    return (torch.from_numpy(left.astype(np.float32)), torch.from_numpy(s_k),
+            torch.from_numpy(right.astype(np.float32)))
+
+
+def _cpu32(a: torch.Tensor) -> bool:
+    return a.dtype == torch.float32 and a.device.type == "cpu" and not a.requires_grad
+
+
+def _fast_path(a: torch.Tensor, width: int) -> bool:
+    """:func:`_range_svd` serves float32 matrices on the CPU whose smaller side is at least twice
+    the sketch (the 784-200-10 MLP's first layer). A smaller float32 one (a 10 x 200 head, k = 3:
+    a sketch of 8 against rank 9, since a softmax layer's gradient rows sum to zero) goes to
+    :func:`_gram_svd` at once; other dtypes and devices keep the QR-based sketch
+    (:func:`_sketch_range`, :func:`_svd_from_range`)."""
+    return _cpu32(a) and 2 * width <= min(a.shape)
+
+
+_SMALL = 64
+"""Float32 matrices whose smaller side is at most this (and too small for the sketch) take
+:func:`_gram_svd`; larger ones that the sketch does not capture take ``torch.linalg.svd``."""
+
+
+def exact_truncated_svd(a: torch.Tensor, k: int, oversample: int = 5,
+                        align_to: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best rank-k factors (U, S, V^T) of ``a`` (Eckart-Young), cheaply when ``a`` has low rank.
 
     A minibatch gradient of a linear layer has rank at most the batch size (32 against 200 for
     the 784-200-10 MLP's first layer), so a sketch A Omega with k + ``oversample`` columns of a
-    fixed Gaussian Omega already spans A's whole range: then A = Q (Q^T A) exactly and the SVD
-    of the small Q^T A gives A's singular triplets. Whether the range was captured is checked
-    (the residual A - Q Q^T A, :data:`_CAPTURED`); when it was not, the full
-    ``torch.linalg.svd`` decides. Costs about 3 products of A with a thin matrix instead of a
-    full SVD: ~5x less on a 200 x 784 gradient here. Singular vectors are defined up to sign
-    (and within repeated singular values), as with any SVD.
-    """
+    fixed Gaussian Omega already spans A's whole range; the SVD then comes from matrices of the
+    sketch's size (:func:`_range_svd`: about two products of A with a thin matrix). Whether the
+    range was captured is checked; when it was not (A's rank exceeds the sketch: e.g. a batch
+    of 500), ``torch.linalg.svd`` decides. Float32 matrices too small for the sketch to pay
+    (:func:`_fast_path`; smaller side at most :data:`_SMALL`) take :func:`_gram_svd`; float64 or
+    non-CPU matrices take a QR-based sketch (a QR of the sketch, the residual A - Q Q^T A, a QR
+    and an SVD of the small factor), then ``torch.linalg.svd``.
+    Singular vectors are defined up to sign (and within repeated singular values), as with any
+    SVD. On the sketch's path, triplets beyond A's numerical rank are zeros (U diag(S) V^T is
+    unchanged; see :func:`_range_svd`); the full SVD's are singular vectors of zero singular
+    values. ``align_to`` = (U_prev, V^T_prev): flip each pair (u_j, v_j) as :func:`align_svd`
+    does (on the sketch's path, on its small factors before the products that form U and V^T)."""
     m, n = a.shape
     width = min(k + oversample, m, n)
     if width < min(m, n):
-        key = (n, width, a.dtype)
-        omega = _SKETCHES.get(key)
-        if omega is None:
-            omega = _SKETCHES[key] = torch.randn(n, width, dtype=a.dtype,
-                                                 generator=torch.Generator().manual_seed(SKETCH_SEED))
-        q, b, captured = _sketch_range(a, omega.to(a.device))
-        if captured:
-            return _svd_from_range(q, b, k)
+        if _fast_path(a, width):
+            sketch = _FIXED.get(("sketch", n, width))
+            if sketch is None:
+                sketch = _FIXED[("sketch", n, width)] = torch.cat(
+                    [_fixed_gaussian(n, width, SKETCH_SEED), _fixed_gaussian(n, _probes(width), PROBE_SEED)], dim=1)
+            out = _range_svd(a, sketch, width, k, align_to)
+            if out is not None:
+                return out
+        elif not _cpu32(a):
+            q, b, captured = _sketch_range(a, _fixed_gaussian(n, width, SKETCH_SEED, a.dtype).to(a.device))
+            if captured:
+                return _aligned(_svd_from_range(q, b, k), align_to)
+    if _cpu32(a) and min(m, n) <= _SMALL and not _fast_path(a, width):
+        out = _gram_svd(a, k, align_to)
+        if out is not None:
+            return out
     u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    return u[:, :k], s[:k], vh[:k]
+    return _aligned((u[:, :k], s[:k], vh[:k]), align_to)
+
+
+def _aligned(factors, align_to):
+    """``factors`` (this module's own tensors) with :func:`align_svd` applied in place."""
+    return factors if align_to is None else align_svd(*factors, *align_to, inplace=True)
 
 
 def randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator, oversample: int = 5,
-                   power_iters: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   power_iters: int = 2,
+                   align_to: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-k (U, S, V^T) of ``a`` from a seeded randomised range finder (Halko et al. 2011).
 
     The power iterations sharpen a sketch that misses part of A's range; when the first
-    sketch already holds all of it (A's rank at most k + ``oversample``, the usual case for a
-    minibatch gradient) they cannot improve anything and are skipped. The draws from
-    ``generator`` are the same either way.
+    sketch already holds all of it (A's rank below k + ``oversample``, the usual case for a
+    minibatch gradient) they cannot improve anything and are skipped, and the SVD comes from
+    the sketch as in :func:`exact_truncated_svd`. The draws from ``generator`` are the same
+    either way. ``align_to``: as in :func:`exact_truncated_svd`.
     """
     m, n = a.shape
     width = min(k + oversample, m, n)
     omega = torch.randn(n, width, generator=generator, dtype=a.dtype)
+    if width < min(m, n) and _fast_path(a, width):
+        out = _range_svd(a, torch.cat([omega, _fixed_gaussian(n, _probes(width), PROBE_SEED)], dim=1), width, k,
+                         align_to)
+        if out is not None:
+            return out
     q, b, captured = _sketch_range(a, omega)
     if not captured:
         for _ in range(power_iters):
             q = torch.linalg.qr(a @ torch.linalg.qr(a.T @ q).Q).Q
         b = q.T @ a
-    return _svd_from_range(q, b, k)
+    return _aligned(_svd_from_range(q, b, k), align_to)

@@ -246,10 +246,10 @@ class DifferentialQuantized(Algorithm):
             comm.count("stale_rejected")
             return
         base = self._zeros() if reset else self.mirror[client]
-        radii = payload.tensors[RADII]
+        names = list(self.layout)
         try:
-            new = {name: qz.laq_dequantize(base[name], radii[i], payload.tensors[name], self.config.bits)
-                   for i, name in enumerate(self.layout)}
+            new = dict(zip(names, qz.laq_dequantize_many([base[n] for n in names], payload.tensors[RADII],
+                                                         [payload.tensors[n] for n in names], self.config.bits)))
         except ProtocolError as exc:
             comm.count("rejected")
             comm.log("rejected", client=client, reason=str(exc))
@@ -323,9 +323,12 @@ class DifferentialQuantized(Algorithm):
         previous = None if reset else state["Q"]
         base = previous if previous is not None else self._zeros()
         targets = self.targets(grads, previous, ctx.generator)
-        quantized = {name: qz.laq_quantize(targets[name], base[name], self.config.bits) for name in self.layout}
+        names = list(self.layout)
+        quantized = dict(zip(names, qz.laq_quantize_many([targets[n] for n in names], [base[n] for n in names],
+                                                         self.config.bits)))
         new = {name: q.value for name, q in quantized.items()}
-        err2 = sum(float((targets[n] - new[n]).pow(2).sum()) for n in self.layout)
+        # e = g - Q enters only the lazy rule: without it, nothing reads err2
+        err2 = sum(float((targets[n] - new[n]).pow(2).sum()) for n in self.layout) if self.config.lazy else 0.0
         if self.config.lazy and not reset and state.get("skips", 0) < self.config.max_skips:
             innovation = sum(float((new[n] - base[n]).pow(2).sum()) for n in self.layout)
             bound = float(payload.meta.get("lazy_bound", 0.0)) + 3.0 * (err2 + state.get("err2", 0.0))
@@ -335,7 +338,7 @@ class DifferentialQuantized(Algorithm):
         tag = accumulator_tag(new)
         state["pending"] = {"Q": new, "tag": tag, "err2": err2}
         tensors = {name: q.packed for name, q in quantized.items()}
-        tensors[RADII] = torch.stack([q.scale for q in quantized.values()]) if quantized else torch.zeros(0)
+        tensors[RADII] = torch.tensor([float(q.scale) for q in quantized.values()], dtype=torch.float32)
         return Payload(tensors=tensors, meta={"base": ack, "reset": reset, "tag": tag}, payload_bits=self.upload_bits())
 
     def client_digest(self, state: dict[str, Any]) -> bytes:

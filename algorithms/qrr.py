@@ -23,8 +23,12 @@ p in {0.1, 0.2, 0.3}). Departures, each deliberate:
 Per parameter tensor of client m's minibatch gradient, with p = ``rank_fraction``:
 
 * 2-D (m x n): truncated SVD keeping k = ceil(p min(m, n)) singular triplets, U (m x k),
-  S (k), V^T (k x n). ``svd = "exact"`` uses ``torch.linalg.svd``; ``"randomized"`` a
-  randomised range finder (Halko et al.: k + 5 columns, 2 power iterations) drawn from the
+  S (k), V^T (k x n). ``svd = "exact"``: the best rank-k factors; a minibatch gradient has
+  rank at most the batch, so when a fixed Gaussian sketch of k + 5 columns holds its whole
+  range (checked) they come from sketch-sized matrices (:func:`common.exact_truncated_svd`;
+  triplets beyond the gradient's rank are zeros), otherwise from ``torch.linalg.svd``;
+  ``"randomized"`` a randomised range finder (Halko et al.: k + 5 columns, 2 power
+  iterations, skipped when the first sketch already holds the range) drawn from the
   client's seeded generator;
 * 4-D conv (o x i x h x w): Tucker decomposition (tensorly, pytorch backend, HOOI from an SVD
   start) with ranks ceil(p dim) on all four modes: a core and four factor matrices;
@@ -44,6 +48,11 @@ of the previous round before quantizing (for SVD the pair (u_j, v_j) together; f
 factor column together with the core slice it multiplies), which leaves the product
 unchanged. tests/test_compression_qrr.py measures the radius it saves.
 
+Cost (bench/compress_cost.py, MLP 784-200-10, batch 32, one thread): a client's encode is
+the sketch's two products with the 200 x 784 gradient, small float64 factorisations, one
+batched quantizer pass over all factors (:func:`quantizers.laq_quantize_many`) and the
+accumulator's hash; see the README's benchmark table for the figures.
+
 payload_bits (uplink, per upload), from the authors' code (Kritsos/QRR-code):
   FC layer (m x n, rank k):  3 * 32 + b (m k + k + k n)
   conv layer (Tucker):       5 * 32 + b (prod(r) + sum_i d_i r_i)
@@ -59,7 +68,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Params, check, register
-from .common import exact_truncated_svd, randomized_svd as common_randomized_svd
+from .common import align_svd, exact_truncated_svd, randomized_svd as common_randomized_svd  # noqa: F401 (align_svd: re-exported)
 from .laq import DifferentialQuantized
 
 SEP = "|"
@@ -68,17 +77,18 @@ OVERSAMPLE = 5
 POWER_ITERS = 2
 
 
-def truncated_svd(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(a: torch.Tensor, k: int, align_to=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best rank-k factors (U, S, V^T) of ``a`` (Eckart-Young); cheap for a low-rank ``a``
-    (:func:`common.exact_truncated_svd`)."""
-    return exact_truncated_svd(a, k)
+    (:func:`common.exact_truncated_svd`); ``align_to`` = (U_prev, V^T_prev): signs aligned
+    as :func:`align_svd` does."""
+    return exact_truncated_svd(a, k, align_to=align_to)
 
 
 def randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator,
-                   oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS):
+                   oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS, align_to=None):
     """Rank-k (U, S, V^T) of ``a`` from a seeded randomised range finder (Halko et al. 2011;
     :func:`common.randomized_svd`)."""
-    return common_randomized_svd(a, k, generator, oversample, power_iters)
+    return common_randomized_svd(a, k, generator, oversample, power_iters, align_to)
 
 
 def tucker(t: torch.Tensor, ranks: tuple[int, ...], n_iter_max: int = 5) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -99,13 +109,6 @@ def tucker_to_tensor(core: torch.Tensor, factors: list[torch.Tensor]) -> torch.T
     for mode, f in enumerate(factors):
         out = torch.movedim(torch.tensordot(f, torch.movedim(out, mode, 0), dims=([1], [0])), 0, mode)
     return out
-
-
-def align_svd(u, s, vh, u_prev, vh_prev):
-    """Flip each pair (u_j, v_j) whose direction disagrees with the previous round's."""
-    agree = (u * u_prev).sum(0) + (vh * vh_prev).sum(1)
-    sign = torch.where(agree < 0, -1.0, 1.0)
-    return u * sign, s, vh * sign[:, None]
 
 
 def align_tucker(core, factors, previous):
@@ -172,12 +175,12 @@ class QRR(DifferentialQuantized):
             g = grads[name].detach().to(torch.float32)
             if plan[0] == "svd":
                 k = plan[1]
+                # align_svd's flips, made by the SVD itself (on its small factors where it can)
+                prev = (previous[f"{name}{SEP}U"], previous[f"{name}{SEP}V"]) if align else None
                 if self.config.svd == "exact":
-                    u, s, vh = truncated_svd(g, k)
+                    u, s, vh = truncated_svd(g, k, align_to=prev)
                 else:
-                    u, s, vh = randomized_svd(g, k, generator)
-                if align:
-                    u, s, vh = align_svd(u, s, vh, previous[f"{name}{SEP}U"], previous[f"{name}{SEP}V"])
+                    u, s, vh = randomized_svd(g, k, generator, align_to=prev)
                 out.update({f"{name}{SEP}U": u, f"{name}{SEP}S": s, f"{name}{SEP}V": vh})
             elif plan[0] == "tucker":
                 core, factors = tucker(g, plan[1])

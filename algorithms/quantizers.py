@@ -19,6 +19,8 @@ accumulator Q_{k-1} both ends hold:
 
     laq_quantize(g, q_prev, bits) -> Quantized     # .scale = R_k, .packed uint8, .value = Q_k
     laq_dequantize(q_prev, scale, packed, bits) -> Q_k
+    laq_quantize_many(gs, q_prevs, bits) -> [Quantized]         # several tensors, one radius each
+    laq_dequantize_many(q_prevs, scales, packed, bits) -> [Q_k]  # bit-identical to one at a time
     laq_bits(numel, bits) -> int                   # 32 + b * numel  (bits)
 
 Logarithmic quantizer (LQ-SGD): normalise by s = ||x||_inf (float32, 32 bits), then
@@ -32,6 +34,12 @@ Logarithmic quantizer (LQ-SGD): normalise by s = ||x||_inf (float32, 32 bits), t
     log_dequantize(scale, packed, bits, alpha, shape) -> x_hat
     log_bits(numel, bits) -> int                   # 32 + b * numel  (bits)
 
+The LAQ functions run on numpy arrays, all of a message's tensors as one flat float32 array
+(``*_many``; the single-tensor functions are the same code with one tensor): each step is one
+in-place pass with one radius per tensor, the same float32 operations in the same order as the
+per-tensor torch formula (bit-identical codes, bytes and values, tests/test_quantizers.py),
+for a fraction of the dispatch overhead when a message has many small tensors (QRR's factors).
+
 Receivers call the ``*_dequantize`` functions on untrusted bytes: they raise
 :class:`~algorithms.base.ProtocolError` on a malformed buffer (wrong length, dtype, padding),
 a non-finite or negative scale. Encoders raise ``ValueError`` on a non-finite input: a method
@@ -42,6 +50,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import bitpack
@@ -111,34 +120,126 @@ def laq_bits(numel: int, bits: int) -> int:
     return 32 + bits * numel
 
 
-def _laq_apply(q_prev: torch.Tensor, radius: torch.Tensor, codes: torch.Tensor, bits: int) -> torch.Tensor:
-    # The one formula both ends evaluate: bit-identical results on both sides.
-    return q_prev + radius * grid_decode(codes, bits).reshape(q_prev.shape)
-
-
 def laq_quantize(g: torch.Tensor, q_prev: torch.Tensor, bits: int) -> Quantized:
     """Quantize the innovation g - q_prev at b bits (see module doc)."""
-    check_bits(bits)
-    g = g.detach().to(torch.float32)
-    q_prev = q_prev.detach().to(torch.float32)
-    if g.shape != q_prev.shape:
-        raise ValueError(f"gradient {tuple(g.shape)} and accumulator {tuple(q_prev.shape)} differ in shape")
-    d = g - q_prev
-    radius = _scale_of(d)
-    if float(radius) > 0:
-        codes = grid_encode(d / radius, bits)
-    else:
-        # R_k = 0: the innovation is zero; code the level nearest 0, scaled by 0 it decodes to 0.
-        codes = torch.full(d.shape, (1 << bits) // 2, dtype=torch.int64)
-    packed = bitpack.pack(codes, bits)
-    return Quantized(radius, packed, _laq_apply(q_prev, radius, codes, bits))
+    return laq_quantize_many([g], [q_prev], bits)[0]
 
 
 def laq_dequantize(q_prev: torch.Tensor, scale: torch.Tensor, packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Q_k from Q_{k-1}, the radius and the packed codes; ProtocolError on malformed input."""
-    radius = _check_scale(scale)
-    codes = _unpack(packed, bits, q_prev.numel())
-    return _laq_apply(q_prev.to(torch.float32), radius, codes, bits)
+    return laq_dequantize_many([q_prev], [scale], [packed], bits)[0]
+
+
+def _flat(tensors: list[torch.Tensor]) -> np.ndarray:
+    """One float32 array holding the tensors one after another (C order); with one tensor,
+    possibly a view of it (callers only read it)."""
+    parts = []
+    for t in tensors:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad:
+            t = t.detach().to(device="cpu", dtype=torch.float32)
+        parts.append(t.numpy().reshape(-1))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.float32)
+
+
+def _offsets(shapes: list[torch.Size]) -> list[int]:
+    out = [0]
+    for shape in shapes:
+        out.append(out[-1] + math.prod(shape))
+    return out
+
+
+def _laq_values(level: np.ndarray, radii: np.ndarray, offsets: list[int], p_flat: np.ndarray,
+                shapes: list[torch.Size]) -> list[torch.Tensor]:
+    # The one formula both ends evaluate, q_prev + radius * level(code), in float32, with
+    # level(code) = code * (2 / top) - 1 as in grid_decode (done by the caller, in place on
+    # ``level``) and one radius per tensor. Bit-identical on both sides and to the per-tensor
+    # torch formula this replaced (tests/test_quantizers.py compares them). Each result is
+    # written straight into a tensor of its own: a fresh (aligned) allocation, as the torch
+    # formula's, since MKL's products may round differently on a view that starts mid-buffer.
+    out = []
+    for i, shape in enumerate(shapes):
+        seg = level[offsets[i]:offsets[i + 1]]
+        seg *= radii[i]
+        value = torch.empty(shape, dtype=torch.float32)
+        np.add(p_flat[offsets[i]:offsets[i + 1]], seg, out=value.numpy().reshape(-1))
+        out.append(value)
+    return out
+
+
+def laq_quantize_many(gs: list[torch.Tensor], q_prevs: list[torch.Tensor], bits: int) -> list[Quantized]:
+    """:func:`laq_quantize` of several tensors at once, each with its own radius.
+
+    Bit-identical to quantizing them one by one (the same float32 operations in the same
+    order, on numpy arrays); the tensors travel through each step as one flat array, in
+    place, so a method with many tensors (QRR's factors) pays each step's overhead once."""
+    check_bits(bits)
+    if len(gs) != len(q_prevs):
+        raise ValueError(f"{len(gs)} tensors and {len(q_prevs)} accumulators")
+    shapes = []
+    for g, q in zip(gs, q_prevs):
+        if g.shape != q.shape:
+            raise ValueError(f"gradient {tuple(g.shape)} and accumulator {tuple(q.shape)} differ in shape")
+        shapes.append(g.shape)
+    offsets = _offsets(shapes)
+    p_flat = _flat(q_prevs)
+    u = np.subtract(_flat(gs), p_flat)  # the innovation d, then (in place) u, the codes, the levels
+    radii = np.zeros(len(gs), dtype=np.float32)
+    starts = [offsets[i] for i in range(len(gs)) if offsets[i + 1] > offsets[i]]
+    if starts:
+        radii[[i for i in range(len(gs)) if offsets[i + 1] > offsets[i]]] = np.maximum.reduceat(np.abs(u), starts)
+    if not np.isfinite(radii).all():
+        raise ValueError("cannot quantize a tensor holding NaN or Inf")
+    top = (1 << bits) - 1
+    for i, r in enumerate(radii):
+        if r > 0:
+            seg = u[offsets[i]:offsets[i + 1]]
+            seg /= r
+    # grid_encode: round((u + 1) * top / 2). |d| <= R, so u is in [-1, 1] and the codes in
+    # [0, top]: the clamp of grid_encode never acts on a finite input.
+    u += np.float32(1.0)
+    u *= np.float32(top / 2.0)
+    np.rint(u, out=u)
+    for i, r in enumerate(radii):
+        if r == 0:
+            # R_k = 0: the innovation is zero; code the level nearest 0, scaled by 0 it decodes to 0.
+            u[offsets[i]:offsets[i + 1]] = (1 << bits) // 2
+    codes = u.astype(np.uint8 if bits <= 8 else np.uint16)
+    packed = bitpack.pack_segments(codes, bits, offsets)
+    u *= np.float32(2.0 / top)
+    u -= np.float32(1.0)
+    values = _laq_values(u, radii, offsets, p_flat, shapes)
+    scales = torch.from_numpy(radii)
+    return [Quantized(scales[i], packed[i], values[i]) for i in range(len(gs))]
+
+
+def laq_dequantize_many(q_prevs: list[torch.Tensor], scales, packed: list[torch.Tensor], bits: int) -> list[torch.Tensor]:
+    """:func:`laq_dequantize` of several tensors at once (``scales``: one float32 scalar
+    tensor each, or one float32 vector); bit-identical to one at a time. ProtocolError on
+    malformed input."""
+    check_bits(bits)
+    if len(scales) != len(q_prevs) or len(packed) != len(q_prevs):
+        raise ProtocolError(f"{len(q_prevs)} tensors, {len(scales)} scales and {len(packed)} buffers")
+    if isinstance(scales, torch.Tensor) and scales.ndim == 1:
+        if scales.dtype != torch.float32:
+            raise ProtocolError(f"scales must be float32, got {scales.dtype}")
+        radii = scales.detach().cpu().numpy()
+        if not np.isfinite(radii).all() or (radii < 0).any():
+            raise ProtocolError(f"scales must be finite and >= 0, got {radii.tolist()}")
+    else:
+        radii = np.array([float(_check_scale(s)) for s in scales], dtype=np.float32)
+    shapes = [q.shape for q in q_prevs]
+    offsets = _offsets(shapes)
+    try:
+        parts = [bitpack.unpack_array(p, bits, offsets[i + 1] - offsets[i]) for i, p in enumerate(packed)]
+    except ValueError as exc:
+        raise ProtocolError(str(exc)) from None
+    level = np.concatenate(parts, dtype=np.float32) if parts else np.empty(0, dtype=np.float32)
+    top = (1 << bits) - 1
+    level *= np.float32(2.0 / top)
+    level -= np.float32(1.0)
+    return _laq_values(level, radii, offsets, _flat(q_prevs), shapes)
 
 
 # ---- Logarithmic quantizer (LQ-SGD) --------------------------------------------------------------

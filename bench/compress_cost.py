@@ -25,10 +25,12 @@ Their rank is read from their configs' defaults.
 
 Timings are medians over ``--repeats`` rounds, with the methods interleaved round-robin (one
 round of each in turn) so that load from other processes spreads over all of them alike, on
-one torch thread. Uplink bits are each method's paper count per step. The methods' settings
+one torch thread. ``--clock cpu`` times with the thread's CPU time instead of the elapsed time:
+on a shared machine a longer operation is more often descheduled midway, which inflates its
+elapsed time (and its ratio to the short SGD step) by whatever else runs. Uplink bits are each method's paper count per step. The methods' settings
 are the results table's (bench/settings.py).
 
-Usage:  .venv/bin/python bench/compress_cost.py [--repeats 41]      (about 10 seconds)
+Usage:  .venv/bin/python bench/compress_cost.py [--repeats 41] [--clock wall|cpu]      (about 10 seconds)
 """
 from __future__ import annotations
 
@@ -111,8 +113,10 @@ class Comm:
 
 
 class Clock:
-    """Marks when a handler's (precomputed) gradient is ready: encode time starts there."""
+    """What every timing reads (``--clock``), and when a handler's (precomputed) gradient was
+    ready: encode time starts there."""
 
+    now = staticmethod(time.perf_counter)
     mark = 0.0
 
 
@@ -120,11 +124,11 @@ def precomputed_gradients(grads: list[dict[str, torch.Tensor]]):
     """A stand-in for the methods' ``gradient`` that returns the next precomputed gradient."""
     state = {"i": 0}
 
-    def gradient(model, params, x, y, batch_size, generator):
+    def gradient(model, params, x, y, batch_size, generator, l2=0.0):
         g = grads[state["i"] % len(grads)]
         state["i"] += 1
         out = {k: v.clone() for k, v in g.items()}
-        Clock.mark = time.perf_counter()
+        Clock.mark = Clock.now()
         return 0.0, out, len(x)
     return gradient
 
@@ -143,13 +147,13 @@ class LaqCase:
         # lazy_bound 0: SLAQ skips only when its innovation is within the quantization error
         req = Payload(tensors=alg.params, meta={"ack": alg.tags.get(0), "lazy_bound": 0.0}, version=self.r)
         reply = alg.on_grad(ctx, req)
-        encode = time.perf_counter() - Clock.mark
+        encode = Clock.now() - Clock.mark
         if "skip" in reply.meta:
             return encode, float("nan")
-        start = time.perf_counter()
+        start = Clock.now()
         alg.check_reply("grad", reply)
         alg._apply(self.comm, 0, reply, self.r)
-        decode = time.perf_counter() - start
+        decode = Clock.now() - start
         if alg.tags.get(0) != reply.meta["tag"]:
             raise RuntimeError(f"{alg.name}: the server did not accept the upload")
         self.bits = reply.payload_bits
@@ -169,23 +173,23 @@ class PowerCase:
         req = Payload(tensors={**alg.params, **{f"Q:{k}": v for k, v in alg.Q.items()}},
                       meta={"included": r - 1}, version=r)
         first = alg.on_p(ctx, req)
-        encode = time.perf_counter() - Clock.mark
-        start = time.perf_counter()
+        encode = Clock.now() - Clock.mark
+        start = Clock.now()
         alg.check_reply("p", first)
         heard = alg.decode(first.tensors, alg._p_shapes())
         p_hat = {k: orthonormalise(heard[f"P:{k}"]) for k in alg.compressed}
-        decode = time.perf_counter() - start
-        start = time.perf_counter()
+        decode = Clock.now() - start
+        start = Clock.now()
         second = alg.on_q(ctx, Payload(tensors={f"P:{k}": v for k, v in p_hat.items()}, meta={"p_tag": "0" * 16},
                                        version=r))
-        encode += time.perf_counter() - start
-        start = time.perf_counter()
+        encode += Clock.now() - start
+        start = Clock.now()
         alg.check_reply("q", second)
         done = alg.decode(second.tensors, alg._q_shapes())
         for k in alg.compressed:
             (p_hat[k] @ done[f"Q:{k}"].T).reshape(alg.plans[k].shape)
             alg.Q[k] = done[f"Q:{k}"].contiguous()
-        decode += time.perf_counter() - start
+        decode += Clock.now() - start
         self.bits = first.payload_bits + second.payload_bits
         return encode, decode
 
@@ -200,9 +204,9 @@ class SgdCase:
 
     def step(self) -> tuple[float, float]:
         fastpath.set_enabled(self.model, not self.autograd)
-        start = time.perf_counter()
+        start = Clock.now()
         loss_and_grad(self.model, self.params, self.x, self.y)
-        elapsed = time.perf_counter() - start
+        elapsed = Clock.now() - start
         fastpath.set_enabled(self.model, True)
         return elapsed, 0.0
 
@@ -215,11 +219,11 @@ class LowRankStepCase:
         self.precondition, self.generator = precondition, torch.Generator().manual_seed(0)
 
     def step(self) -> tuple[float, float]:
-        start = time.perf_counter()
+        start = Clock.now()
         self.leaves, _ = local_steps(self.model, self.build, self.leaves, self.x, self.y, loss="cross_entropy",
                                      lr=0.01, steps=1, batch_size=0, generator=self.generator,
                                      precondition=self.precondition)
-        return time.perf_counter() - start, 0.0
+        return Clock.now() - start, 0.0
 
 
 class FedlrtServerCase:
@@ -232,14 +236,14 @@ class FedlrtServerCase:
         self.tolerance = tolerance
 
     def step(self) -> tuple[float, float]:
-        start = time.perf_counter()
+        start = Clock.now()
         for k, f in self.layers.items():
             U = torch.cat([f.U, augment_basis(f.U, self.grads[k][0])], dim=1)
             V = torch.cat([f.V, augment_basis(f.V, self.grads[k][1])], dim=1)
             S = torch.zeros(U.shape[1], V.shape[1])
             S[:f.rank, :f.rank] = f.S
             truncate(U, S + 1e-3, V, self.tolerance, min(U.shape[0], V.shape[0]))
-        return 0.0, time.perf_counter() - start
+        return 0.0, Clock.now() - start
 
 
 class FedloruServerCase:
@@ -252,10 +256,10 @@ class FedloruServerCase:
         self.A, self.B = A, {k: torch.randn(b.shape, generator=generator) for k, b in B.items()}
 
     def step(self) -> tuple[float, float]:
-        start = time.perf_counter()
+        start = Clock.now()
         for k in self.base:
             merge(self.base[k], self.B[k], self.A[k])
-        return 0.0, time.perf_counter() - start
+        return 0.0, Clock.now() - start
 
 
 def lowrank_cases(model, x, y, seed):
@@ -390,11 +394,16 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=41)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time (default); cpu: this thread's CPU time, which leaves out "
+                         "the time other processes hold the core (steadier on a shared machine)")
     args = ap.parse_args(argv)
+    Clock.now = staticmethod(time.perf_counter if args.clock == "wall" else time.thread_time)
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, 1 thread, {args.repeats} interleaved repeats (medians); "
+    print(f"torch {torch.__version__}, 1 thread, {args.repeats} interleaved repeats (medians of "
+          f"{'elapsed' if args.clock == 'wall' else 'thread CPU'} time); "
           f"load average at start {load:.2f} on {os.cpu_count()} cores\n")
     for title, model in models(args.seed):
         rows, lowrank, skipped = measure(title, model, args.batch, args.repeats, args.seed)

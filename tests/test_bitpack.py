@@ -60,3 +60,17 @@ def test_strict_unpack():
         bitpack.pack(torch.tensor([-1]), 3)
     with pytest.raises(ValueError):
         bitpack.pack(torch.tensor([0.5]), 3)                  # not integers
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8, 11, 16])
+def test_segments_and_narrow_unpack_match_pack_and_unpack(bits):
+    rng = np.random.default_rng(bits)
+    sizes = [5, 0, 17, 1, 64]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    codes = rng.integers(0, 1 << bits, size=offsets[-1]).astype(np.uint8 if bits <= 8 else np.uint16)
+    for i, packed in enumerate(bitpack.pack_segments(codes, bits, offsets)):
+        segment = codes[offsets[i]:offsets[i + 1]]
+        assert torch.equal(packed, bitpack.pack(segment.astype(np.int64), bits))
+        narrow = bitpack.unpack_array(packed, bits, len(segment))
+        assert narrow.dtype == codes.dtype and np.array_equal(narrow, segment)
+        assert torch.equal(bitpack.unpack(packed, bits, len(segment)), torch.from_numpy(segment.astype(np.int64)))

@@ -137,3 +137,27 @@ def test_laq_scenario_counts_skipped_uploads_in_the_summary():
     counters = summary["counters"]
     assert counters["skipped_uploads"] > 0
     assert counters["skipped_uploads"] + counters["quantized_uploads"] == 10 * 12
+
+
+def test_state_digest_bytes_are_the_tensors_bytes_in_c_order():
+    """state_digest (the accumulator tags on the wire) hashes dtype, shape and the C-order bytes
+    of each tensor, whatever the tensor's strides or dtype: the same digest as spelling it out."""
+    import hashlib
+
+    from algorithms.base import state_digest
+
+    g = torch.Generator().manual_seed(0)
+    odd = torch.randn(1, 5, generator=g).T.contiguous().T  # contiguous with a stride != 1 on a size-1 dim
+    tensors = {"a": torch.randn(3, 4, generator=g), "b": torch.randn(4, 3, generator=g).T, "c": torch.zeros(0),
+               "d": torch.tensor(2.5), "e": torch.arange(6).reshape(2, 3), "f": torch.tensor([True, False]),
+               "g": torch.randn(8, generator=g)[2:6], "h": odd, "i": torch.randn(3, generator=g).half(),
+               "j": torch.randn(2, requires_grad=True), "k": torch.randn(2, generator=g).bfloat16()}
+    h = hashlib.sha256()
+    h.update(b"Q")
+    inner = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous()
+        inner.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+        inner.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(inner.digest())
+    assert state_digest({"Q": tensors}) == h.digest()

@@ -135,3 +135,51 @@ def test_paper_cnn_upload_is_under_a_tenth_of_sgd_by_the_authors_formula():
     assert ratios[0.1] < ratios[0.2] < ratios[0.3] < 0.10
     alg = cls(cls.make_config({"rank_fraction": 0.3, "bits": 8}), model)
     assert alg.plan["2.weight"] == ("tucker", (10, 5, 1, 1)) and alg.plan["6.weight"] == ("svd", 20)
+
+
+def test_exact_svd_of_a_low_rank_float32_gradient_and_its_fallbacks():
+    """The sketch's path (common._range_svd) on a rank-32 200 x 784 float32 matrix, as a batch-32
+    gradient of the 784-200-10 MLP: the best rank-k product, orthonormal singular vectors up to
+    the rank and zero triplets beyond it. A matrix whose rank exceeds the sketch (or a tail the
+    sketch misses) goes to torch.linalg.svd and gets its factors bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    low = torch.randn(200, 32, generator=g) @ torch.randn(32, 784, generator=g)
+    u, s, vh = truncated_svd(low, 60)
+    ref = torch.linalg.svdvals(low.double())
+    assert u.shape == (200, 60) and s.shape == (60,) and vh.shape == (60, 784)
+    assert float((s[:32].double() - ref[:32]).abs().max()) < 1e-5 * float(ref[0])
+    assert float(((u * s) @ vh - low).norm()) < 1e-5 * float(low.norm())
+    torch.testing.assert_close(u[:, :32].T @ u[:, :32], torch.eye(32), rtol=0, atol=1e-5)
+    torch.testing.assert_close(vh[:32] @ vh[:32].T, torch.eye(32), rtol=0, atol=1e-5)
+    assert not s[32:].any() and not u[:, 32:].any() and not vh[32:].any()
+    for k in (10, 32):  # truncation below the rank: Eckart-Young
+        u, s, vh = truncated_svd(low, k)
+        err = float(torch.linalg.matrix_norm(low.double() - (u * s).double() @ vh.double()))
+        assert math.isclose(err, float(ref[k:].norm()), rel_tol=1e-3, abs_tol=1e-4 * float(ref[0]))
+    tail = low + 1e-3 * float(low.abs().max()) * torch.randn(200, 784, generator=g)
+    full = torch.randn(200, 100, generator=g) @ torch.randn(100, 784, generator=g)
+    for a in (tail, full):
+        u, s, vh = truncated_svd(a, 60)
+        ue, se, vhe = torch.linalg.svd(a, full_matrices=False)
+        assert torch.equal(u, ue[:, :60]) and torch.equal(s, se[:60]) and torch.equal(vh, vhe[:60])
+    zero = torch.zeros(200, 784)
+    u, s, vh = truncated_svd(zero, 60)
+    assert not u.any() and not s.any() and not vh.any()
+
+
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_svd_aligns_signs_itself_as_align_svd_does(svd):
+    """truncated_svd / randomized_svd with ``align_to`` flip the same pairs as align_svd on
+    their unaligned output (on the sketch's path the flips are made on its small factors)."""
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(200, 20, generator=g) @ torch.randn(20, 784, generator=g)
+    prev_u, prev_vh = torch.randn(200, 30, generator=g), torch.randn(30, 784, generator=g)
+    if svd == "exact":
+        plain, aligned = truncated_svd(a, 30), truncated_svd(a, 30, align_to=(prev_u, prev_vh))
+    else:
+        plain = randomized_svd(a, 30, torch.Generator().manual_seed(1))
+        aligned = randomized_svd(a, 30, torch.Generator().manual_seed(1), align_to=(prev_u, prev_vh))
+    expected = align_svd(*plain, prev_u, prev_vh)
+    assert any(bool((x < 0).any()) for x in ((plain[0] * expected[0]).sum(0),))  # some pair was flipped
+    for got, want in zip(aligned, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

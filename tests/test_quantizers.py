@@ -102,3 +102,44 @@ def test_log_zero_and_empty():
     e = qz.log_quantize(torch.zeros(0), 8, 10.0)
     assert e.packed.numel() == 0 and e.value.numel() == 0
     assert math.isclose(qz.tau(8), 1 / 255)
+
+
+def _torch_laq_reference(g, q_prev, bits):
+    """LAQ's quantizer as the per-tensor torch formula it was until 2026-12 (the batched numpy
+    version must reproduce it bit for bit: the wire bytes and both ends' mirrors)."""
+    top = (1 << bits) - 1
+    d = g - q_prev
+    radius = d.abs().max() if d.numel() else torch.zeros(())
+    if float(radius) > 0:
+        codes = torch.clamp(torch.round((d / radius + 1.0) * (top / 2.0)), 0, top).to(torch.int64)
+    else:
+        codes = torch.full(d.shape, (1 << bits) // 2, dtype=torch.int64)
+    value = q_prev + radius * (codes.to(torch.float32) * (2.0 / top) - 1.0).reshape(q_prev.shape)
+    return radius, codes.reshape(-1), value
+
+
+def test_batched_laq_quantizer_is_bit_identical_to_the_torch_formula():
+    from algorithms import bitpack
+
+    g = torch.Generator().manual_seed(3)
+    for case in range(60):
+        bits = [8, 1, 2, 4, 5, 7, 12, 16][case % 8]
+        shapes = [(200, 6), (6,), (6, 79), (0,), (3, 1, 2), ()][: 2 + case % 5]
+        scale = 10.0 ** (case % 9 - 4)
+        gs = [torch.randn(s, generator=g) * scale for s in shapes]
+        prevs = [torch.randn(s, generator=g) * scale for s in shapes]
+        if case % 3 == 0:
+            prevs[0] = gs[0].clone()  # zero innovation: R = 0
+        out = qz.laq_quantize_many(gs, prevs, bits)
+        radii = torch.stack([o.scale for o in out])
+        back = qz.laq_dequantize_many(prevs, radii, [o.packed for o in out], bits)
+        for x, p, o, b in zip(gs, prevs, out, back):
+            radius, codes, value = _torch_laq_reference(x, p, bits)
+            assert float(o.scale) == float(radius)
+            assert torch.equal(o.packed, bitpack.pack(codes, bits))
+            assert torch.equal(o.value, value) and torch.equal(b, value) and o.value.shape == p.shape
+            assert torch.equal(qz.laq_quantize(x, p, bits).value, value)
+    with pytest.raises(ValueError):
+        qz.laq_quantize_many([torch.zeros(3), torch.tensor([1.0, float("inf")])], [torch.zeros(3), torch.zeros(2)], 8)
+    with pytest.raises(ProtocolError):
+        qz.laq_dequantize_many([torch.zeros(3)], torch.tensor([-1.0]), [torch.zeros(3, dtype=torch.uint8)], 8)
