@@ -22,7 +22,7 @@ JOINS = ["0-4", "5-9"]
 
 def _virtual_model(overrides):
     """The undisturbed model: a run that misses no reply ends where the virtual run ends."""
-    return run(load_scenario(None, overrides + ["run.clock=virtual"])).summary["model_sha256"]
+    return run(load_scenario(None, overrides + ["run.clock=virtual", "run.batch_clients=false"])).summary["model_sha256"]
 
 
 def test_flood_from_a_stranger_during_a_deadline_run_changes_nothing():
