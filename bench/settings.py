@@ -116,7 +116,7 @@ ROWS: dict[str, Row] = {
                    ("data.dataset=fashion-mnist", "model.kind=mlp", "model.hidden=[200]"),
                    rounds=60, local_rounds=0, test_rounds=0, test_local_rounds=0,
                    methods=("sgd", "qrr"), gradient_lr=QRR_LR, gradient_extra=QRR_AUTHORS, variants=QRR_P),
-    "qrr_cnn": Row("qrr_cnn", "Fashion-MNIST, QRR paper CNN (conv16-conv32-pool-fc64-fc10), batch 500",
+    "qrr_cnn": Row("qrr_cnn", "Fashion-MNIST, QRR paper CNN (conv16-conv32-pool-fc64-fc10), QRR authors' batch 500 and step",
                    ("data.dataset=fashion-mnist", "model.kind=qrr_cnn"),
                    rounds=100, local_rounds=0, test_rounds=0, test_local_rounds=0,
                    methods=("sgd", "qrr"), gradient_lr=QRR_LR, gradient_extra=QRR_AUTHORS, variants=QRR_P),
