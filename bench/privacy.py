@@ -18,7 +18,7 @@ Ablations (digits, MLP) isolate where protection comes from: PowerSGD with one c
 spans client 0's own gradient), error feedback active (the tap listens to rounds 0-2 and
 attacks round 2), coarse quantization (LAQ / LQ-SGD at 2 bits), a higher rank.
 
-Usage (about 20-30 min on 2 busy cores):
+Usage (about 8 minutes of one core; 50 minutes once under a load of 9-16):
   .venv/bin/python bench/privacy.py --write-readme
   .venv/bin/python bench/privacy.py --datasets digits --models mlp --methods sgd,powersgd --batches 1 --quick
 """
