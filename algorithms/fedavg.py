@@ -1,5 +1,22 @@
 """Federated Averaging (McMahan et al., 2017): local epochs, model deltas averaged.
 
+Source followed: "Communication-Efficient Learning of Deep Networks from Decentralized Data"
+(McMahan, Moore, Ramage, Hampson & Agüera y Arcas, AISTATS 2017), Algorithm 1
+(FederatedAveraging: a fraction C of the K clients per round, E local epochs of minibatch SGD
+at batch B and step eta, the server takes the sample-weighted average of the returned models).
+No authors' code was published with the paper. Departures, each deliberate:
+
+* clients upload the delta w_i - w_k instead of w_i: with ``server_lr = 1`` (the default) the
+  server's result is the paper's weighted model average exactly; ``server_lr`` != 1 is this
+  project's (a server step on the averaged delta, as in the FedOpt framing of Reddi et al.,
+  2021), not in the paper;
+* the weights n_i / n run over the replies the server gathered this round (the paper's m_t:
+  the selected clients); a selected client whose reply was lost or late drops out of that
+  round's average instead of stalling it (the paper's simulation has no faults);
+* which clients a round selects (``client_fraction``, the paper's C) is the runtime's seeded
+  draw, and local minibatches are reshuffled each epoch from the client's seeded generator;
+  the paper's ``B = infinity`` (full local batch) is ``batch_size`` >= the client's samples.
+
 Round k:
   1. server broadcasts w_k (32 bits per value);
   2. client i runs ``local_epochs`` of minibatch SGD (``lr``, ``batch_size``) from w_k and

@@ -2,8 +2,9 @@
 via lazily aggregated quantized gradients", NeurIPS 2019): lazily aggregated quantized gradients.
 
 Source followed: the paper's Algorithm 1 (LAQ) and its stochastic version (SLAQ, Section 4), and
-the authors' code sunjunaimer/LAQ, files ``NeurIPS2019:LAQ/LAQ.py`` (read for this module) and
-``SLAQ.py`` (listed, not read line by line: SLAQ here is LAQ's rule on a minibatch gradient).
+the authors' code sunjunaimer/LAQ, files ``NeurIPS2019:LAQ/LAQ.py`` and ``NeurIPS2019:LAQ/SLAQ.py``
+(both read; SLAQ here is LAQ's rule on a minibatch gradient, see the departures for what
+SLAQ.py does differently).
 
 Each client m and the server hold the same quantized accumulator Q_m^{k-1} (per parameter
 tensor). Round k:
@@ -47,6 +48,11 @@ Departures from the authors' code, each deliberate:
   k <= D by ck / k; so does this module (``lazy_xi`` times the mean of the available ones);
 * bits: the authors count b bits per value and no radius; ``payload_bits`` adds the 32-bit
   radius of each tensor (what the wire carries);
+* SLAQ: the authors' ``SLAQ.py`` (MNIST, minibatch 500, b = 3, alpha = 0.008 on the sum, L2
+  0.01, t-bar ``C`` = 100) uploads when ||dQ||^2 >= (1 / (alpha^2 M^2)) sum_d xi_d ||dw||^2 +
+  ec * 3 (e + e_hat) + ade with ec = 0.5 and a constant ade = 0.2: a lighter error term and an
+  additive threshold that make it skip more. ``slaq`` here keeps LAQ's rule (weight 3, no
+  constant) on its minibatch, whose default is 32 samples, not 500;
 * state synchronisation and bad-input handling (below) are this project's: the authors'
   simulation has no faults.
 

@@ -1,10 +1,30 @@
 """LQ-SGD (2025): PowerSGD whose factors travel log-quantized, with error feedback end to end.
 
-Source: the LQ-SGD paper's description (a log quantizer on PowerSGD's factors); no authors'
-code was available to read, and the paper was not re-read for this revision. Everything not
-about the quantizer follows :mod:`algorithms.powersgd` (its sources and departures apply),
+Source: Li, Bai, Wu, Chadli, Mammar & Bouvry, "Trustworthy Efficient Communication for
+Distributed Learning using LQ-SGD Algorithm", arXiv:2506.17974 (2025). No authors' code was
+found to read, and from here only the paper's abstract and a third-party summary of its update
+could be read (not its full text): error feedback G' = G + E, one power iteration
+P = orthonormalise(G' Q), Q = G'^T P, each factor log-quantized with the codec
+q(x) = sign(x) log(1 + alpha|x|) / log(1 + alpha) (inverse sign(q) ((1 + alpha)^|q| - 1) / alpha)
+at bit widths b_P, b_Q, Ĝ = P Q^T, E = G' - Ĝ, a plain SGD step on the all-reduced Ĝ. Everything
+not about the quantizer follows :mod:`algorithms.powersgd` (its sources and departures apply),
 including ``error_feedback``: with ``aggregated`` (default) the residual is M_i − P_hat Q^T
 with Q the mean of the decoded Q_hat_i.
+
+Departures from that description (unchecked against the full text, so possibly more):
+
+* a server gathers and averages where the paper all-reduces (as :mod:`algorithms.powersgd`);
+* what is quantized: the client log-quantizes its raw P_i = M_i Q before upload and the server
+  orthonormalises the mean of the decoded P_i (the summary quantizes P after
+  orthonormalising); the orthonormal P_hat the server broadcasts travels at 32 bits;
+* one bit width ``bits`` for both factors (the paper's b_P and b_Q may differ);
+* ``log_alpha`` = 10 and ``bits`` = 8 are this project's defaults (the paper's values were not
+  read);
+* the codec's input is normalised by the tensor's max |x| (a 32-bit scale per tensor), which
+  the summary does not specify;
+* the layers PowerSGD leaves uncompressed (vectors, and matrices where rank r does not pay by
+  ``min_compression_rate``) are log-quantized too, a project choice, so that every upload is
+  b bits per value.
 
 Everything is PowerSGD's (see :mod:`algorithms.powersgd`: rank r clamped per layer,
 warm-started shared Q, two round trips through the server, per-client error feedback),

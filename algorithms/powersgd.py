@@ -4,8 +4,10 @@ Sources followed: the paper's Algorithm 1 (rank-r power iteration with a warm-st
 error feedback), PyTorch's DDP communication hook
 (``torch/distributed/algorithms/ddp_comm_hooks/powerSGD_hook.py``: ``min_compression_rate``,
 ``start_powerSGD_iter``, which layers compress) and the authors' reducer (epfml/powersgd,
-``RankKReducer``: memory = gradient + memory - the decompressed **aggregate**). Both were read
-from memory of their public source, not re-read line by line for this module.
+``RankKReducer``: memory = gradient + memory - the decompressed **aggregate**). PyTorch's hook
+was read for this revision (the version in pytorch/pytorch at commit 00c22ce: ``_should_compress``,
+``PowerSGDState``, ``powerSGD_hook``'s error feedback ``error = input - decompressed aggregate``);
+the authors' reducer was not re-read line by line.
 
 Each weight with more than one dimension is viewed as a matrix M (shape[0] x rest) and
 compressed at rank r = min(``rank``, n, m) when that pays by ``min_compression_rate``, i.e.
@@ -44,9 +46,18 @@ rejected (``stale_rejected``) even if its version were wrong. A client with a Na
 gradient answers ``abstain`` (counted ``client_nonfinite``) and keeps its error memory. A
 column of Q that collapses to zero is redrawn (seeded) so the warm start never dies.
 
-Departures from the sources: a server gathers and averages where the paper all-reduces
-(same arithmetic); PyTorch's warm-up default is 1000 iterations, ``start_round`` here defaults
-to 0 (no warm-up); PyTorch batches layers into buckets, here every layer is its own.
+Departures from the sources:
+
+* a server gathers and averages where the paper all-reduces (same arithmetic);
+* ``start_round`` defaults to 0 (no warm-up): PyTorch's ``start_powerSGD_iter`` is 10 in the
+  version read (1,000 in later releases) and must be >= 2 with error feedback on;
+* the warm-start Q is the previous round's aggregate as it is (the paper's Algorithm 1);
+  PyTorch's hook re-orthogonalises the warm-started Q before use; the first Q is standard
+  normal here, orthogonalised there;
+* P is orthonormalised by a reduced QR here, by Gram-Schmidt with epsilon 1e-8 in PyTorch's
+  hook (the same span; column signs may differ, and P̂ Qᵀ does not depend on them);
+* PyTorch batches layers into buckets, here every layer is its own;
+* a column of Q that collapses to zero is redrawn (seeded), a project addition (below).
 
 payload_bits (uplink, per client per round): 32 (n r + m r) per compressed layer plus 32 per
 uncompressed value (phase 1 carries the n r and the uncompressed values, phase 2 the m r);

@@ -18,7 +18,7 @@ Ablations (digits, MLP) isolate where protection comes from: PowerSGD with one c
 spans client 0's own gradient), error feedback active (the tap listens to rounds 0-2 and
 attacks round 2), coarse quantization (LAQ / LQ-SGD at 2 bits), a higher rank.
 
-Usage (about 20-30 min on 2 busy cores):
+Usage (about 8 minutes of one core; 50 minutes once under a load of 9-16):
   .venv/bin/python bench/privacy.py --write-readme
   .venv/bin/python bench/privacy.py --datasets digits --models mlp --methods sgd,powersgd --batches 1 --quick
 """
@@ -89,12 +89,15 @@ def parts_for(dataset, group: list[int], seed: int) -> list[torch.Tensor]:
 
 
 def one_setting(dataset, ds_name: str, model: str, algorithm: dict, batch: int, attacks: dict, images: list[int],
-                tag: dict, rounds: tuple[int, int] = (0, 1), clients: int = CLIENTS) -> list[dict]:
+                tag: dict, rounds: tuple[int, int] = (0, 1), clients: int = CLIENTS, groups: int | None = None
+                ) -> list[dict]:
+    """Rows of one setting over the image groups (``groups``: only the first that many, e.g. 1
+    for a grid, which shows the first group only)."""
     rows = []
     model_cfg = {"kind": model, "hidden": [64]} if model == "mlp" else {"kind": "cnn", "channels": [8, 16]}
-    for g in range(0, len(images), batch):
+    for g in list(range(0, len(images), batch))[:groups]:
         group = images[g:g + batch]
-        raw = {"run": {"seed": SEED, "rounds": rounds[1], "eval_every": 1000, "target_accuracy": None},
+        raw = {"run": {"seed": SEED, "rounds": rounds[1], "eval_every": 1000},
                "data": {"dataset": ds_name, "clients": clients, "partition": "iid"},
                "model": model_cfg, "algorithm": algorithm,
                "eavesdropper": {"client": 0, "direction": "both", "rounds": list(rounds), **attacks}}
@@ -110,7 +113,8 @@ def one_setting(dataset, ds_name: str, model: str, algorithm: dict, batch: int, 
     return rows
 
 
-def run_task(task: tuple, methods: list[str], batches: list[int], attacks: dict, started: float
+def run_task(task: tuple, methods: list[str], batches: list[int], attacks: dict, started: float,
+             groups: int | None = None, ablation_labels: tuple[str, ...] = ()
              ) -> tuple[list[dict], dict[str, list], list[str]]:
     """One (data set, model) block of the grid, or the ablations: (rows, grid panels, skipped)."""
     torch.set_num_threads(1)
@@ -126,13 +130,13 @@ def run_task(task: tuple, methods: list[str], batches: list[int], attacks: dict,
     dataset.test_x, dataset.test_y = dataset.test_x[:64], dataset.test_y[:64]
     images = truth_indices(dataset, IMAGES, SEED)
     if kind == "ablations":
-        return ablations(dataset, images, attacks, started), grids, []
+        return ablations(dataset, images, attacks, started, ablation_labels), grids, []
     for method in methods:
         for batch in batches:
             t0 = time.time()
             tag = {"method": method, "model": model, "dataset": ds_name, "setting": "main"}
             got = one_setting(dataset, ds_name, model, method_settings(method, batch, model), batch, attacks,
-                              images, tag)
+                              images, tag, groups=groups)
             recons = tag.pop("_recons", [])
             rows += got
             if batch == 4:
@@ -157,9 +161,13 @@ def main() -> None:
     ap.add_argument("--ig-iters", type=int, default=200, help="Adam steps of inverting gradients")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes, one (data set, model) block each")
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--ablations-only", action="store_true", help="run the ablations, not the main grid")
+    ap.add_argument("--ablation", action="append", default=[], metavar="LABEL",
+                    help="run only the ablations whose label starts with LABEL (repeatable)")
     ap.add_argument("--quick", action="store_true", help="tiny iteration counts (a smoke run)")
     ap.add_argument("--grids-only", action="store_true",
-                    help="only redraw the PNG grids (B = 4, inverting gradients); csv and tables untouched")
+                    help="only redraw the PNG grids (B = 4, inverting gradients, the first image group: "
+                         "what the grid shows); csv and tables untouched")
     ap.add_argument("--merge", nargs="+", metavar="CSV",
                     help="no runs: merge privacy.csv files (a later file replaces the settings it holds) "
                          "and write the table from them")
@@ -179,9 +187,14 @@ def main() -> None:
     methods, batches = args.methods.split(","), [int(b) for b in args.batches.split(",")]
     datasets, models = args.datasets.split(","), args.models.split(",")
     # largest blocks first, so that parallel workers finish together
-    tasks = [("main", d, m) for d in reversed(datasets) for m in reversed(models)]
+    tasks = [] if args.ablations_only else [("main", d, m) for d in reversed(datasets) for m in reversed(models)]
     if "digits" in datasets and "mlp" in models and not args.no_ablations:
         tasks.append(("ablations", "digits", "mlp"))
+    unknown = [a for a in args.ablation if not any(label.startswith(a) for label, *_ in ABLATIONS)]
+    if unknown:
+        ap.error(f"--ablation {unknown[0]!r} names no ablation (known: {'; '.join(l for l, *_ in ABLATIONS)})")
+    groups = 1 if args.grids_only else None
+    labels = tuple(args.ablation)
     started = time.time()
     rows: list[dict] = []
     grids: dict[str, list] = {}
@@ -189,9 +202,10 @@ def main() -> None:
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(run_task, tasks, *([x] * len(tasks) for x in (methods, batches, attacks, started))))
+            results = list(pool.map(run_task, tasks, *([x] * len(tasks) for x in (methods, batches, attacks, started,
+                                                                                    groups, labels))))
     else:
-        results = [run_task(t, methods, batches, attacks, started) for t in tasks]
+        results = [run_task(t, methods, batches, attacks, started, groups, labels) for t in tasks]
     for got, g, sk in results:
         rows += got
         grids.update(g)
@@ -249,9 +263,11 @@ ABLATIONS = [
 ]
 
 
-def ablations(dataset, images, attacks, started) -> list[dict]:
+def ablations(dataset, images, attacks, started, only: tuple[str, ...] = ()) -> list[dict]:
     rows = []
     for label, algo, batches, window, clients in ABLATIONS:
+        if only and not any(label.startswith(o) for o in only):
+            continue
         for batch in batches:
             t0 = time.time()
             tag = {"method": algo["name"], "model": "mlp", "dataset": "digits", "setting": label}
