@@ -27,7 +27,7 @@ Choices, and why:
 * The paper CNN rows are slow on the shared 2 cores: a ``qrr_cnn`` round (10 x 500 images of
   28x28 through conv16-conv32, plus the test-set evaluation every other round) costs ~10 s
   of one core; 100 rounds (where SGD at the authors' step has left chance: ~0.6 accuracy,
-  measured 2026-12-01) were run for sgd and qrr (p = 0.3) only. ``cnn_local`` (6 rounds of
+  measured 2026-12-01) were run for sgd and qrr at p = 0.1, 0.2, 0.3. ``cnn_local`` (6 rounds of
   FedAvg, FeDLRT, FedLoRU and its preconditioned variant) took 22 minutes at nice 15 on
   2026-12-01 (FeDLRT 14 of them).
 * The gradient methods' rows at the QRR authors' settings (``qrr_mlp``) step 0.01 on the
