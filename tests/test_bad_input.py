@@ -9,9 +9,9 @@ from fedsim import codec
 from fedsim.clock import VirtualTimeLoop
 from fedsim.codec import SERVER, Message
 from fedsim.node import HELLO, NODE
-from fedsim.runner import Simulation, build, run, summarise
+from fedsim.runner import build, run, summarise
 from fedsim.scenario import load_scenario
-from network.transport import Transport
+from tests.attacked import attacked_run
 
 OVERRIDES = ["run.rounds=3", "data.clients=5", "algorithm.name=fedavg"]
 
@@ -38,31 +38,17 @@ def attacks() -> dict[str, list[bytes]]:
 def test_garbage_to_live_server_is_rejected_and_run_finishes_unchanged():
     clean = run(load_scenario(None, OVERRIDES))
 
-    scenario = load_scenario(None, OVERRIDES)
-    loop = VirtualTimeLoop()
-    sim = build(scenario, loop)
-    attacker = Transport(router=False, address=sim.server_transport.address, identity=b"mallory",
-                         context=sim.context)
-    loop.transports.append(attacker)
-    attacker.attach(loop, lambda peer, frames: None)
     sent = []
 
-    def progress(m, total):
-        if m.round == 0:  # mid-run: after registration, before round 1
-            for name, frames in attacks().items():
-                # Malformed tensors come from the genuine client node (a buggy client passes
-                # authentication); the rest from a stranger's socket.
-                via = sim.client_transport if name in ("shape_mismatch", "declared_2GiB") else attacker
-                via.send(frames)
-                sent.append(name)
+    def attack(sim, stranger):  # mid-run: after registration, before round 1
+        for name, frames in attacks().items():
+            # Malformed tensors come from the genuine client node (a buggy client passes
+            # authentication); the rest from a stranger's socket.
+            via = sim.client_transport if name in ("shape_mismatch", "declared_2GiB") else stranger
+            via.send(frames)
+            sent.append(name)
 
-    try:
-        loop.run_until_complete(sim.main(progress))
-    finally:
-        attacker.close()
-        sim.close()
-        loop.close()
-    result = summarise(sim, 0.0)
+    _, result = attacked_run(OVERRIDES, 0, attack)
     c = result.summary["counters"]
     assert len(sent) == 6
     assert c["rejected"] == 6, c

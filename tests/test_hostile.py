@@ -12,17 +12,17 @@ import zmq
 
 from algorithms.base import Payload
 from fedsim import codec
-from fedsim.clock import VirtualTimeLoop
 from fedsim.codec import SERVER, CodecError, Message
 from fedsim.guard import RejectLog
 from fedsim.hostile import envelope, flood_messages, fuzz_messages
 from fedsim.node import HELLO, NODE, inbound_balance
 from fedsim.results import EventLog
-from fedsim.runner import build, run, summarise
+from fedsim.runner import run
 from fedsim.scenario import load_scenario
 from network.emulator import Emulator
 from network.guard import GuardConfig, PeerGuard
 from network.transport import BANNED, OVERSIZED, Transport
+from tests.attacked import attacked_run
 
 
 # ----------------------------------------------------------------------------- guard
@@ -219,24 +219,8 @@ def test_emulator_holds_at_most_the_budget_per_client_and_counts_overflow():
 
 # ----------------------------------------------------------------------------- the whole server
 def _attacked_run(overrides, attack):
-    scenario = load_scenario(None, overrides)
-    loop = VirtualTimeLoop()
-    sim = build(scenario, loop)
-    stranger = Transport(router=False, address=sim.server_transport.address, identity=b"mallory",
-                         context=sim.context)
-    loop.transports.append(stranger)
-    stranger.attach(loop, lambda peer, frames: None)
-
-    def progress(m, total):
-        if m.round == 1:
-            attack(sim, stranger, m.round + 1)  # arrives during the next round
-    try:
-        loop.run_until_complete(sim.main(progress))
-    finally:
-        stranger.close()
-        sim.close()
-        loop.close()
-    return sim, summarise(sim, 0.0)
+    """The attack lands during round 2 (sent when round 1 ends)."""
+    return attacked_run(overrides, 1, lambda sim, stranger: attack(sim, stranger, 2))
 
 
 def test_every_message_received_is_accounted_for_under_faults_and_attack():
@@ -342,7 +326,7 @@ def test_an_oversized_frame_is_refused_inside_zeromq_before_it_is_buffered():
                 if got:
                     break
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # real tcp sockets, wall clock: time for a wrongly kept big frame to land too
 
         loop.run_until_complete(wait())
         assert got == [[b"ok"]]
