@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -12,6 +12,8 @@ from torch import nn
 
 from . import fastpath
 from .base import Params, Payload, ProtocolError
+
+T = TypeVar("T")
 
 
 _PARAMETERS: weakref.WeakKeyDictionary[nn.Module, list[tuple[str, nn.Parameter]]] = weakref.WeakKeyDictionary()
@@ -89,64 +91,77 @@ def local_sgd(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor
     return current, seen
 
 
-def local_sgd_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor], ys: list[torch.Tensor],
-                   generators: list[torch.Generator], *, lr: float, epochs: int,
-                   batch_size: int) -> list[tuple[Params, int]]:
-    """:func:`local_sgd` for many clients (``starts[i]`` on ``xs[i], ys[i]``), in order.
-
-    Clients holding the same number of samples train stacked when the model is small
-    enough to win from it (:func:`algorithms.fastpath.stackable`); the rest one at a time."""
-    out: list[tuple[Params, int] | None] = [None] * len(starts)
-    plan = fastpath.plan(model)
-    by_size: dict[int, list[int]] = {}
-    for i, (start, x) in enumerate(zip(starts, xs)):
-        if x.shape[0] > 0 and fastpath.stackable(plan, start):
-            by_size.setdefault(x.shape[0], []).append(i)
-        else:
-            out[i] = local_sgd(model, start, x, ys[i], lr=lr, epochs=epochs, batch_size=batch_size,
-                               generator=generators[i])
-    for n, members in by_size.items():
-        chunk = fastpath.stack_chunk(plan, starts[members[0]])
-        for c in range(0, len(members), chunk):
-            group = members[c:c + chunk]
-            if len(group) == 1:
-                i = group[0]
-                out[i] = local_sgd(model, starts[i], xs[i], ys[i], lr=lr, epochs=epochs, batch_size=batch_size,
-                                   generator=generators[i])
-                continue
-            trained = fastpath.sgd_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
-                                           [ys[i] for i in group], [generators[i] for i in group],
-                                           epochs=epochs, batch_size=batch_size, lr=lr)
-            for i, params in zip(group, trained):
-                # names the plan does not read (none on the covered models) pass through, as copies
-                out[i] = ({k: params[k] if k in params else v.clone() for k, v in starts[i].items()}, epochs * n)
-    return out  # type: ignore[return-value]
-
-
-def loss_and_grad_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor],
-                       ys: list[torch.Tensor]) -> list[Params]:
-    """The gradients of :func:`loss_and_grad` for many clients, in order: stacked for
-    clients with as many rows in ``xs[i]`` where the model is small enough, else one at a time."""
-    out: list[Params | None] = [None] * len(starts)
-    plan = fastpath.plan(model)
+def _one_or_stacked(plan: fastpath.Plan | None, starts: list[Params], xs: list[torch.Tensor],
+                    one: Callable[[int], T], stacked: Callable[[list[int]], list[T]]) -> list[T]:
+    """Per client ``i`` (in order): ``one(i)``, or its share of ``stacked(group)`` for groups of
+    clients that may train as one stack (:func:`algorithms.fastpath.stackable`: a small dense
+    model, the plan's parameters exactly) and hold as many rows of data, cut to cache-sized
+    chunks (:func:`algorithms.fastpath.stack_chunk`). A group of one takes ``one``."""
+    out: list = [None] * len(starts)
     by_rows: dict[int, list[int]] = {}
     for i, (start, x) in enumerate(zip(starts, xs)):
         if x.shape[0] > 0 and fastpath.stackable(plan, start) and set(start) == set(fastpath.names(plan)):
             by_rows.setdefault(x.shape[0], []).append(i)
         else:
-            out[i] = loss_and_grad(model, start, x, ys[i])[1]
+            out[i] = one(i)
     for members in by_rows.values():
         chunk = fastpath.stack_chunk(plan, starts[members[0]])
         for c in range(0, len(members), chunk):
             group = members[c:c + chunk]
-            if len(group) == 1:
-                out[group[0]] = loss_and_grad(model, starts[group[0]], xs[group[0]], ys[group[0]])[1]
-                continue
-            grads = fastpath.grads_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
-                                           [ys[i] for i in group])
-            for i, g in zip(group, grads):
-                out[i] = {name: g[name] for name in starts[i]}  # in the caller's order, as loss_and_grad
-    return out  # type: ignore[return-value]
+            for i, result in zip(group, [one(group[0])] if len(group) == 1 else stacked(group)):
+                out[i] = result
+    return out
+
+
+def local_sgd_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor], ys: list[torch.Tensor],
+                   generators: list[torch.Generator], *, lr: float, epochs: int,
+                   batch_size: int) -> list[tuple[Params, int]]:
+    """:func:`local_sgd` for many clients (``starts[i]`` on ``xs[i], ys[i]``), in order:
+    clients holding as many samples train stacked where the model is small enough
+    (:func:`algorithms.fastpath.sgd_stacked`), the rest one at a time."""
+    plan = fastpath.plan(model)
+
+    def one(i: int) -> tuple[Params, int]:
+        return local_sgd(model, starts[i], xs[i], ys[i], lr=lr, epochs=epochs, batch_size=batch_size,
+                         generator=generators[i])
+
+    def stacked(group: list[int]) -> list[tuple[Params, int]]:
+        trained = fastpath.sgd_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
+                                       [ys[i] for i in group], [generators[i] for i in group],
+                                       epochs=epochs, batch_size=batch_size, lr=lr)
+        return [({k: p[k] for k in starts[i]}, epochs * xs[i].shape[0]) for i, p in zip(group, trained)]
+
+    return _one_or_stacked(plan, starts, xs, one, stacked)
+
+
+def loss_and_grad_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor],
+                       ys: list[torch.Tensor]) -> list[Params]:
+    """The gradients of :func:`loss_and_grad` for many clients, in order: stacked for clients
+    with as many rows in ``xs[i]`` where the model is small enough
+    (:func:`algorithms.fastpath.grads_stacked`), else one at a time."""
+    plan = fastpath.plan(model)
+
+    def stacked(group: list[int]) -> list[Params]:
+        grads = fastpath.grads_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
+                                       [ys[i] for i in group])
+        return [{k: g[k] for k in starts[i]} for i, g in zip(group, grads)]  # the caller's order
+
+    return _one_or_stacked(plan, starts, xs, lambda i: loss_and_grad(model, starts[i], xs[i], ys[i])[1], stacked)
+
+
+def check_models(payloads, reference: Params, who: str) -> tuple[list, list[int]]:
+    """A batch handler's model check: :func:`check_like` (``finite=False``) on each payload.
+    Returns the replies so far (the :class:`ProtocolError` of each refused payload, else
+    ``None``) and the indices of the payloads that passed."""
+    out: list = [None] * len(payloads)
+    ok = []
+    for i, payload in enumerate(payloads):
+        try:
+            check_like(payload, reference, who, finite=False)
+            ok.append(i)
+        except ProtocolError as exc:
+            out[i] = exc
+    return out, ok
 
 
 def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Algorithm, Payload, ProtocolError, check, check_int, register
-from .common import check_like, dense_bits, local_sgd, local_sgd_many, weighted_mean
+from .common import check_like, check_models, dense_bits, local_sgd, local_sgd_many, weighted_mean
 
 
 @register
@@ -84,14 +84,7 @@ class FedAvg(Algorithm):
     def on_model_batch(self, ctxs, payloads) -> list:
         """``on_model`` for the clients that received the model at one instant (stacked
         where the model is small, :func:`local_sgd_many`)."""
-        out: list = [None] * len(ctxs)
-        ok = []
-        for i, payload in enumerate(payloads):
-            try:
-                check_like(payload, self.params, "fedavg model", finite=False)
-                ok.append(i)
-            except ProtocolError as exc:
-                out[i] = exc
+        out, ok = check_models(payloads, self.params, "fedavg model")
         cfg = self.config
         trained = local_sgd_many(ctxs[0].model if ctxs else self.model, [payloads[i].tensors for i in ok],
                                  [ctxs[i].x for i in ok], [ctxs[i].y for i in ok], [ctxs[i].generator for i in ok],

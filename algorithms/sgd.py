@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Algorithm, Payload, ProtocolError, check, check_int, register
-from .common import check_like, dense_bits, loss_and_grad, loss_and_grad_many, sample_batch, weighted_mean
+from .base import Algorithm, Payload, check, check_int, register
+from .common import check_like, check_models, dense_bits, loss_and_grad, loss_and_grad_many, sample_batch, weighted_mean
 
 
 @register
@@ -63,16 +63,8 @@ class SGD(Algorithm):
     def on_model_batch(self, ctxs, payloads) -> list:
         """``on_model`` for the clients that received the model at one instant: their
         minibatches drawn one by one, their gradients stacked (:func:`loss_and_grad_many`)."""
-        out: list = [None] * len(ctxs)
-        ok, batches = [], []
-        for i, (ctx, payload) in enumerate(zip(ctxs, payloads)):
-            try:
-                check_like(payload, self.params, "sgd model", finite=False)
-            except ProtocolError as exc:
-                out[i] = exc
-                continue
-            ok.append(i)
-            batches.append(self._batch(ctx))
+        out, ok = check_models(payloads, self.params, "sgd model")
+        batches = [self._batch(ctxs[i]) for i in ok]
         grads = loss_and_grad_many(ctxs[0].model if ctxs else self.model, [payloads[i].tensors for i in ok],
                                    [x for x, _ in batches], [y for _, y in batches])
         for i, (x, _), g in zip(ok, batches, grads):

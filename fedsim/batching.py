@@ -41,8 +41,6 @@ class ComputeBatcher:
     def __init__(self, loop: VirtualTimeLoop) -> None:
         self.loop = loop
         self.jobs: list[_Job] = []
-        self.batches = 0
-        """Batch handler calls made (for tests and benchmarks)."""
 
     def submit(self, handler: BatchHandler, client: "ClientRole", msg: "Message", ctx: "ClientCtx",
                started: float) -> None:
@@ -57,7 +55,6 @@ class ComputeBatcher:
             if job.client.epoch == job.epoch:  # else it crashed or rolled back meanwhile: the work is lost
                 groups.setdefault((job.handler, job.msg.kind), []).append(job)
         for (handler, _), group in groups.items():
-            self.batches += 1
             results = handler([j.ctx for j in group], [j.msg.payload for j in group])
             for job, result in zip(group, results, strict=True):
                 job.client.handled(job.msg, job.ctx, result, job.started)
