@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Generator, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -147,6 +147,71 @@ def loss_and_grad_many(model: nn.Module, starts: list[Params], xs: list[torch.Te
         return [{k: g[k] for k in starts[i]} for i, g in zip(group, grads)]  # the caller's order
 
     return _one_or_stacked(plan, starts, xs, lambda i: loss_and_grad(model, starts[i], xs[i], ys[i])[1], stacked)
+
+
+GradientSteps = Generator[tuple[Params, torch.Tensor, torch.Tensor], Params, "Payload | None"]
+"""A client handler that needs one gradient, written as a generator: it checks its request,
+yields ``(params, x, y)``, is sent the gradient of the cross-entropy at ``params`` on those
+samples (:func:`loss_and_grad`), and returns its reply. Run one with :func:`one_gradient`,
+or many clients' at once with :func:`many_gradients` (their gradients stacked): the same
+code serves a method's plain and batch handlers."""
+
+
+def minibatch_gradient(params: Params, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                       generator: torch.Generator, l2: float = 0.0):
+    """Inside a :data:`GradientSteps` handler: ``grads, seen = yield from minibatch_gradient(...)``.
+
+    The gradient at ``params`` on a minibatch of ``batch_size`` samples drawn from
+    ``generator`` (0, or at least the data: all of it), and the number of samples used.
+    ``l2`` > 0 adds the gradient ``l2 * w`` of the penalty (l2 / 2) ||w||^2 on every tensor
+    (the LAQ authors' ``cl * tf.nn.l2_loss``)."""
+    if batch_size and batch_size < x.shape[0]:
+        idx = sample_batch(x.shape[0], batch_size, generator)
+        x, y = x[idx], y[idx]
+    grads = yield params, x, y
+    if l2:
+        grads = {k: g.add(params[k], alpha=l2) for k, g in grads.items()}
+    return grads, x.shape[0]
+
+
+def _send_gradient(steps: GradientSteps, grads: Params):
+    try:
+        steps.send(grads)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("a gradient handler asked for a second gradient")
+
+
+def one_gradient(model: nn.Module, steps: GradientSteps):
+    """Run one :data:`GradientSteps` handler to its reply."""
+    try:
+        params, x, y = next(steps)
+    except StopIteration as done:  # answered without a gradient (a stale request, a skip)
+        return done.value
+    return _send_gradient(steps, loss_and_grad(model, params, x, y)[1])
+
+
+def many_gradients(model: nn.Module, handlers: list[GradientSteps]) -> list:
+    """Run many clients' :data:`GradientSteps` handlers: every request first, then their
+    gradients in one :func:`loss_and_grad_many`, then every reply. Returns, in order, each
+    reply or the :class:`ProtocolError` its handler raised (a batch handler's contract).
+    Each client draws from its own generator and state, so interleaving them changes nothing."""
+    out: list = [None] * len(handlers)
+    asks: list[tuple[int, tuple[Params, torch.Tensor, torch.Tensor]]] = []
+    for i, steps in enumerate(handlers):
+        try:
+            asks.append((i, next(steps)))
+        except StopIteration as done:
+            out[i] = done.value
+        except ProtocolError as exc:
+            out[i] = exc
+    grads = loss_and_grad_many(model, [a[0] for _, a in asks], [a[1] for _, a in asks], [a[2] for _, a in asks])
+    for (i, _), g in zip(asks, grads):
+        try:
+            out[i] = _send_gradient(handlers[i], g)
+        except ProtocolError as exc:
+            out[i] = exc
+    return out
 
 
 def check_models(payloads, reference: Params, who: str) -> tuple[list, list[int]]:

@@ -100,7 +100,7 @@ import torch
 from . import bitpack
 from . import quantizers as qz
 from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
-from .common import check_finite, check_like, dense_bits, loss_and_grad, params_finite, sample_batch
+from .common import check_finite, check_like, dense_bits, many_gradients, minibatch_gradient, one_gradient, params_finite
 
 FORGET_AFTER = 30
 """Rounds without an accepted upload after which the server drops a client's mirror."""
@@ -112,22 +112,6 @@ RADII = "radii"
 def accumulator_tag(q: dict[str, torch.Tensor]) -> str:
     """Content tag of an accumulator: 16 hex digits of its sha256 digest."""
     return state_digest({"Q": q}).hex()[:16]
-
-
-def gradient(model, params: Params, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-             generator: torch.Generator, l2: float = 0.0) -> tuple[float, Params, int]:
-    """Loss, gradient at ``params`` on a minibatch (``batch_size`` 0: all data), samples used.
-
-    ``l2`` > 0 adds the gradient ``l2 * w`` of the penalty (l2 / 2) ||w||^2 (and the penalty
-    to the loss) on every parameter tensor, as the LAQ authors' ``cl * tf.nn.l2_loss``."""
-    if batch_size and batch_size < len(x):
-        idx = sample_batch(len(x), batch_size, generator)
-        x, y = x[idx], y[idx]
-    loss, grads = loss_and_grad(model, params, x, y)
-    if l2:
-        grads = {k: g.add(params[k], alpha=l2) for k, g in grads.items()}
-        loss += 0.5 * l2 * sum(float(p.pow(2).sum()) for p in params.values())
-    return loss, grads, len(x)
 
 
 class DifferentialQuantized(Algorithm):
@@ -310,7 +294,18 @@ class DifferentialQuantized(Algorithm):
     def client_handlers(self):
         return {"grad": self.on_grad}
 
+    def client_batch_handlers(self):
+        return {"grad": self.on_grad_batch}
+
     def on_grad(self, ctx, payload: Payload) -> Payload | None:
+        return one_gradient(ctx.model, self._on_grad(ctx, payload))
+
+    def on_grad_batch(self, ctxs, payloads) -> list:
+        """``on_grad`` for the clients asked at one instant, their gradients stacked."""
+        return many_gradients(ctxs[0].model if ctxs else self.model,
+                              [self._on_grad(ctx, p) for ctx, p in zip(ctxs, payloads)])
+
+    def _on_grad(self, ctx, payload: Payload):
         check_like(payload, self.params, f"{self.name} model", finite=False)
         ack = payload.meta.get("ack")
         state = ctx.state
@@ -319,8 +314,8 @@ class DifferentialQuantized(Algorithm):
                 return None  # a late duplicate of an old request: the server has moved on
             state["newest"] = payload.version
         _synchronise(state, ack)
-        _, grads, seen = gradient(ctx.model, payload.tensors, ctx.x, ctx.y, self.config.batch_size, ctx.generator,
-                                  self.config.l2)
+        grads, seen = yield from minibatch_gradient(payload.tensors, ctx.x, ctx.y, self.config.batch_size,
+                                                    ctx.generator, self.config.l2)
         ctx.charge(seen)
         if not params_finite(grads):
             # Never quantize (or mirror) a poisoned gradient: the server keeps our last Q.

@@ -73,8 +73,8 @@ from typing import Any
 import torch
 
 from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
-from .common import all_finite, check_like, dense_bits, params_finite
-from .laq import accumulator_tag, gradient
+from .common import all_finite, check_like, dense_bits, many_gradients, minibatch_gradient, one_gradient, params_finite
+from .laq import accumulator_tag
 
 Q_SEED = 0x5EED
 
@@ -299,17 +299,35 @@ class PowerSGD(Algorithm):
     def client_handlers(self):
         return {"p": self.on_p, "q": self.on_q, "warmup": self.on_warmup}
 
+    def client_batch_handlers(self):
+        return {"p": self.on_p_batch, "warmup": self.on_warmup_batch}
+
     def on_warmup(self, ctx, payload: Payload) -> Payload | None:
+        return one_gradient(ctx.model, self._on_warmup(ctx, payload))
+
+    def on_warmup_batch(self, ctxs, payloads) -> list:
+        return many_gradients(ctxs[0].model if ctxs else self.model,
+                              [self._on_warmup(ctx, p) for ctx, p in zip(ctxs, payloads)])
+
+    def on_p(self, ctx, payload: Payload) -> Payload | None:
+        return one_gradient(ctx.model, self._on_p(ctx, payload))
+
+    def on_p_batch(self, ctxs, payloads) -> list:
+        """``on_p`` for the clients asked at one instant, their gradients stacked."""
+        return many_gradients(ctxs[0].model if ctxs else self.model,
+                              [self._on_p(ctx, p) for ctx, p in zip(ctxs, payloads)])
+
+    def _on_warmup(self, ctx, payload: Payload):
         if not _fresh(ctx.state, payload.version):
             return None
         check_like(payload, self.params, f"{self.name} model", finite=False)
-        _, grads, seen = gradient(ctx.model, payload.tensors, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
+        grads, seen = yield from minibatch_gradient(payload.tensors, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
         ctx.charge(seen)
         if not params_finite(grads):
             return Payload(meta={"abstain": "nonfinite"})
         return Payload(tensors=grads, payload_bits=dense_bits(grads))
 
-    def on_p(self, ctx, payload: Payload) -> Payload | None:
+    def _on_p(self, ctx, payload: Payload):
         if not _fresh(ctx.state, payload.version):
             return None
         model = {k: payload.tensors[k] for k in self.params if k in payload.tensors}
@@ -322,7 +340,7 @@ class PowerSGD(Algorithm):
         state = ctx.state
         self._settle_error(state, payload.meta.get("included"), payload.version, q, payload.meta.get("revived"))
         state["Q"] = q
-        _, grads, seen = gradient(ctx.model, model, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
+        grads, seen = yield from minibatch_gradient(model, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
         ctx.charge(seen)
         if not params_finite(grads):
             state.pop("M", None)

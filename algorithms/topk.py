@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
-from .common import check_like, dense_bits, loss_and_grad, sample_batch
+from .common import check_like, dense_bits, many_gradients, minibatch_gradient, one_gradient
 
 _TAG = re.compile(r"^[0-9a-f]{16}$")
 
@@ -136,7 +136,18 @@ class TopK(Algorithm):
     def client_handlers(self):
         return {"grad": self.on_grad}
 
+    def client_batch_handlers(self):
+        return {"grad": self.on_grad_batch}
+
     def on_grad(self, ctx, payload: Payload) -> Payload | None:
+        return one_gradient(ctx.model, self._on_grad(ctx, payload))
+
+    def on_grad_batch(self, ctxs, payloads) -> list:
+        """``on_grad`` for the clients asked at one instant, their gradients stacked."""
+        return many_gradients(ctxs[0].model if ctxs else self.model,
+                              [self._on_grad(ctx, p) for ctx, p in zip(ctxs, payloads)])
+
+    def _on_grad(self, ctx, payload: Payload):
         check_like(payload, self.params, "topk model", finite=False)
         state, ack = ctx.state, payload.meta.get("ack")
         if payload.version is not None:
@@ -144,12 +155,8 @@ class TopK(Algorithm):
                 return None  # a late duplicate of an old request: the server has moved on
             state["newest"] = payload.version
         _synchronise(state, ack)
-        x, y = ctx.x, ctx.y
-        if self.config.batch_size and self.config.batch_size < len(x):
-            idx = sample_batch(len(x), self.config.batch_size, ctx.generator)
-            x, y = x[idx], y[idx]
-        _, grads = loss_and_grad(ctx.model, payload.tensors, x, y)
-        ctx.charge(len(x))
+        grads, seen = yield from minibatch_gradient(payload.tensors, ctx.x, ctx.y, self.config.batch_size, ctx.generator)
+        ctx.charge(seen)
         reset = "G" not in state
         base = self._zeros() if reset else state["G"]
         tensors, new = {}, {}

@@ -176,6 +176,7 @@ class Runtime:
         self.sim.server_node.send = tapped_send
         for client in self.sim.clients.values():
             client.handlers = {kind: self._tap(kind, h) for kind, h in client.handlers.items()}
+            client.batch_handlers = {kind: self._tap_batch(kind, h) for kind, h in client.batch_handlers.items()}
         self.restarts = 0
         self.rounds = 0
         self.last_contributions: dict[int, int] = {}
@@ -196,6 +197,16 @@ class Runtime:
                 return handler(ctx, payload)
             finally:
                 self.handled[ctx.client_id] = (ctx.round, kind, self.sim.algorithm.client_digest(ctx.state))
+        return tapped
+
+    def _tap_batch(self, kind: str, handler):
+        """The same record for the clients a batch handler serves (``fedsim.batching``)."""
+        def tapped(ctxs, payloads):
+            try:
+                return handler(ctxs, payloads)
+            finally:
+                for ctx in ctxs:
+                    self.handled[ctx.client_id] = (ctx.round, kind, self.sim.algorithm.client_digest(ctx.state))
         return tapped
 
     # --- driving ---------------------------------------------------------------------------

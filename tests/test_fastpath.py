@@ -223,6 +223,25 @@ def test_clients_of_an_instant_computed_together_change_nothing_observable(extra
     assert again.summary["model_sha256"] == together.summary["model_sha256"]
 
 
+@pytest.mark.parametrize("method", ["sgd", "laq", "slaq", "qrr", "powersgd", "lqsgd", "topk"])
+def test_gradient_steps_of_an_instant_stacked_change_nothing_observable(method, monkeypatch):
+    """The compressing methods' gradient step (``common.many_gradients``), done for the
+    clients of an instant together: the same messages, bytes, times and events as one at a
+    time, the same model to float tolerance, and the stacked path really ran."""
+    stacked = []
+    grads_stacked = fastpath.grads_stacked
+    monkeypatch.setattr(fastpath, "grads_stacked", lambda plan, starts, *a: (stacked.append(len(starts)),
+                                                                             grads_stacked(plan, starts, *a))[1])
+    scenario = ["data.clients=12", "data.dataset=digits", "data.partition=iid", "model.kind=mlp", "model.hidden=[16]",
+                f"algorithm.name={method}", "run.rounds=4"]
+    together = run(load_scenario(None, scenario + ["run.batch_clients=true"]))
+    monkeypatch.undo()
+    alone = run(load_scenario(None, scenario + ["run.batch_clients=false"]))
+    assert stacked and max(stacked) > 1
+    assert _observable(together) == _observable(alone)
+    _close(together.final_params, alone.final_params, tol=1e-4)
+
+
 def test_batch_clients_must_be_a_bool():
     from fedsim.errors import ScenarioError
     with pytest.raises(ScenarioError, match="run.batch_clients"):
