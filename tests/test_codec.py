@@ -66,6 +66,43 @@ def test_decode_cache_serves_a_broadcast_and_still_catches_every_flipped_bit():
                        torch.zeros(3, 4))
 
 
+def test_large_frames_arrive_as_views_and_a_broadcast_is_checked_once_per_buffer():
+    """Through real inproc sockets: frames of at least ``ZERO_COPY_BYTES`` reach the node as
+    read-only views of the sender's bytes; the cache serves receivers of the same buffer
+    and still computes the CRC of any other memory (equal bytes elsewhere, a flipped bit)."""
+    import zmq
+    from network.transport import ZERO_COPY_BYTES, Transport
+    p = Payload({"w": torch.randn(ZERO_COPY_BYTES // 4 + 10), "b": torch.randn(4)})
+    shared = codec.encode_tensors(p)
+    ctx = zmq.Context()
+    server = Transport(router=True, address="inproc://views", context=ctx)
+    node = Transport(router=False, address="inproc://views", identity=b"n", context=ctx)
+    got = []
+    node.on_message = lambda peer, frames: got.append(frames)
+    try:
+        node.send(codec.encode(Message(0, -1, 0, "hello", 0, Payload())))
+        server.on_message = lambda peer, frames: None
+        assert server.drain() == 1
+        for c in range(3):
+            server.send(codec.encode(Message(-1, c, 1, "model", 1, p), shared), b"n")
+        assert node.drain() == 3
+    finally:
+        node.close(), server.close(), ctx.term()
+    assert [type(f) for f in got[0]] == [bytes, memoryview, bytes]  # envelope, w, b (small)
+    assert got[0][1].readonly
+    cache = codec.DecodeCache()
+    first = codec.decode(got[0], cache=cache)
+    second = codec.decode(got[1], cache=cache)
+    assert second.payload.tensors["w"] is first.payload.tensors["w"]  # the same buffer: decoded once
+    assert torch.equal(first.payload.tensors["w"], p.tensors["w"])
+    elsewhere = [got[2][0], memoryview(bytes(got[2][1])), got[2][2]]  # equal bytes, other memory
+    assert torch.equal(codec.decode(elsewhere, cache=cache).payload.tensors["w"], p.tensors["w"])
+    flipped = bytearray(got[2][1])
+    flipped[12345] ^= 4
+    with pytest.raises(CodecError, match="checksum"):
+        codec.decode([got[2][0], memoryview(bytes(flipped)), got[2][2]], cache=cache)
+
+
 def test_random_bytes_rejected():
     rng = np.random.default_rng(0)
     for n in [0, 1, 3, 4, 5, 17, 300]:
