@@ -325,8 +325,8 @@ class Transport:
                 break
             # Frames stay ZeroMQ's (no copy) until the whole message is known to fit; then a
             # small frame is copied out (bytes are cheaper to hold and compare), a large one
-            # handed on as a read-only view of ZeroMQ's buffer (see ``_unwrap``). A Frame's
-            # own ``more`` flag is cheaper than asking the socket for RCVMORE.
+            # handed on as a read-only view of ZeroMQ's buffer (``ZERO_COPY_BYTES``). A
+            # Frame's own ``more`` flag is cheaper than asking the socket for RCVMORE.
             frames = [first]
             total = len(first)
             frame = first
@@ -357,9 +357,9 @@ class Transport:
             if self.curve_server and peer not in self._user_ids:
                 self._remember_user(peer, first)
             if router:
-                on_message(peer, list(map(_unwrap, frames[1:])))
+                on_message(peer, [f.buffer.toreadonly() if len(f) >= _ZC else f.bytes for f in frames[1:]])
             else:
-                on_message(b"", list(map(_unwrap, frames)))
+                on_message(b"", [f.buffer.toreadonly() if len(f) >= _ZC else f.bytes for f in frames])
             self._current = None
         if more_waiting and self.loop is not None:
             if 2 * (self.discarded[BANNED] - banned_before) > n and self.ban_pause_s > 0:
@@ -386,12 +386,11 @@ ZERO_COPY_BYTES = 64 * 1024
 of ZeroMQ's own buffer instead of copies."""
 
 
-def _unwrap(frame: zmq.Frame) -> "bytes | memoryview":
-    # A copy of a large frame buys nothing: the view keeps the Frame, and with it the
-    # message's memory, alive and unchanged. Within one process (inproc) the view is of the
-    # sender's own immutable bytes object, so every receiver of a broadcast sees the same
-    # memory (``codec.DecodeCache`` relies on that to skip the CRC pass).
-    return frame.buffer.toreadonly() if len(frame) >= ZERO_COPY_BYTES else frame.bytes
+# A copy of a large frame buys nothing: the view keeps the Frame, and with it the message's
+# memory, alive and unchanged. Within one process (inproc) the view is of the sender's own
+# immutable bytes object, so every receiver of a broadcast sees the same memory
+# (``codec.DecodeCache`` relies on that to skip the CRC pass).
+_ZC = ZERO_COPY_BYTES
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
