@@ -1,16 +1,26 @@
 """Deployments that survive, with real processes on 127.0.0.1: ``kill -9`` of the server
 and ``serve --resume`` (same model bytes as a run never interrupted), ``kill -9`` of a join
-(the server goes on; the same command rejoins and contributes again), keys bound to ids."""
+(the server goes on; the same command rejoins and contributes again), keys bound to ids,
+a stopped join's connection dropped through its own heartbeat TTL."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import zmq
 
 from algorithms import algorithm_names
+from fedsim import deploy
+from fedsim.codec import Limits
 from fedsim.identity import make_keys
 from fedsim.runner import run
 from fedsim.scenario import load_scenario
+from network.transport import UnknownPeer
 
-from procs import Fedsim, free_port, reap
+from procs import ROOT, Fedsim, free_port, reap
 
 pytestmark = pytest.mark.realtime
 
@@ -129,20 +139,6 @@ def test_the_server_drops_a_stopped_joins_connection_through_the_joins_heartbeat
     socket asks it, through the heartbeat TTL, to drop the connection after five silent
     heartbeat periods: a stopped (or unreachable) join is gone, and the liveness check's
     PONG to it fails."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import zmq
-
-    from fedsim import deploy
-    from fedsim.codec import Limits
-    from network.transport import UnknownPeer
-
-    from procs import ROOT
-
     heartbeat = 0.2
     join = ("import sys, time\nfrom network.transport import Transport\n"
             "t = Transport(router=False, address=sys.argv[1], heartbeat_s=float(sys.argv[2]))\n"

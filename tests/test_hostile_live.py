@@ -4,7 +4,11 @@ put, and summary.json accounts for every message received. The server runs in th
 process (``deploy.serve``), its two client processes are ``deploy.join`` threads, and the
 hostile peer is its own process (``python -m fedsim.hostile``), bounded in count and time.
 Scaled-down versions of ``bench/flood.py`` and ``bench/fuzz_live.py``."""
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -115,11 +119,6 @@ print("survived", read, sent, flush=True)
 
 
 def test_the_server_socket_survives_a_peer_that_fills_its_pipe_and_resets():
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     # 1 s: run.heartbeat's default (the period the joins ask the server for)
