@@ -19,7 +19,8 @@ What survives what:
   for a replay; a new session with the same key replaces the old one at once, and without
   keys the ids are free again once the old session is declared dead.
 * **Liveness**: the joiner pings every ``run.heartbeat`` seconds and ZeroMQ's own ZMTP
-  heartbeats run underneath. A session silent for ``run.peer_timeout`` seconds whose
+  heartbeats run underneath (the joiner's: the server's ZeroMQ drops a connection silent
+  for five of them). A session silent for ``run.peer_timeout`` seconds whose
   connection is gone is declared dead: its clients leave the open gather at once.
 * **Checkpoints** (``fedsim.checkpoint``): with ``--out`` the server saves its state after
   every round; ``serve --resume`` continues after the last saved round. Joins that are
@@ -63,12 +64,14 @@ from .scenario import Scenario
 make_keys = identity.make_keys  # the historical import path
 
 
-def _bind(context: zmq.Context, bind: str, curve, heartbeat_s: float, limits: Limits,
-          max_frame_bytes: int) -> Transport:
+def _bind(context: zmq.Context, bind: str, curve, limits: Limits, max_frame_bytes: int) -> Transport:
+    # No ZMTP heartbeat timer of its own (heartbeat_s): with one, libzmq 4.3.5 aborts this
+    # process ("Assertion failed: !_io_error") when a peer that filled its receive pipe
+    # resets its connection (see network.transport). Silent joins are still dropped: each
+    # joiner asks for a heartbeat TTL, which this socket's ZeroMQ enforces.
     try:
         return Transport(router=True, address=bind, context=context, curve=curve,
-                         max_message_bytes=limits.max_message_bytes, heartbeat_s=heartbeat_s,
-                         max_frame_bytes=max_frame_bytes)
+                         max_message_bytes=limits.max_message_bytes, max_frame_bytes=max_frame_bytes)
     except zmq.ZMQError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise DeployError(f"--bind {bind}: address already in use (another server on that port?)", 1) from None
@@ -124,8 +127,7 @@ def serve(scenario: Scenario, bind: str, *, keys: str | Path | None = None, out_
         algorithm = make_algorithm(scenario, model)
         # the model is known before the socket binds, so ZeroMQ itself refuses a frame larger
         # than any tensor this run can send, before buffering it (fedsim.guard.frame_budget)
-        transport = _bind(context, bind, server_curve if keys is not None else None, run.heartbeat, limits,
-                          frame_budget(model))
+        transport = _bind(context, bind, server_curve if keys is not None else None, limits, frame_budget(model))
         events, stats = EventLog(loop.time), Stats()
         server = ServerSide(scenario, loop, transport, dataset, model, algorithm, events, stats, limits,
                             emulate=run.emulate, session=os.urandom(8).hex())

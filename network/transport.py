@@ -87,7 +87,17 @@ class Transport:
     ``MAXMSGSIZE``); ``batch_messages`` / ``batch_bytes`` bound one read (see the module
     docstring; a banned peer's messages, dropped unparsed, count a quarter each);
     ``max_frame_bytes`` (default ``max_message_bytes``) caps each frame inside ZeroMQ; ``guard`` (ROUTER only) bans peers whose messages keep being rejected: by
-    default one with :data:`network.guard.DEFAULT`."""
+    default one with :data:`network.guard.DEFAULT`.
+
+    ``heartbeat_s`` turns on ZMTP heartbeats: a PING every ``heartbeat_s`` seconds, the
+    connection dropped after five of them without a word, and the peer asked to do the
+    same. Not on a socket that strangers reach: libzmq 4.3.5 aborts the process
+    (``Assertion failed: !_io_error``, in its I/O thread) when a heartbeat falls due on a
+    connection whose peer filled the receive pipe (``rcv_hwm``) and then reset it, as a
+    flooding peer that exits does (libzmq issues 4364, 3937: open). A PING command from the
+    peer, decoded when the pipe drains after such a reset, takes the same path, so a peer
+    crafted for it can still abort the process; under CURVE only holders of admitted keys
+    get past the handshake this needs."""
 
     def __init__(self, *, router: bool, address: str, identity: bytes | None = None,
                  context: zmq.Context | None = None, curve: CurveKeys | None = None,
@@ -120,7 +130,9 @@ class Transport:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if heartbeat_s is not None:
             # ZMTP heartbeats run in ZeroMQ's I/O thread: a peer busy computing still
-            # answers them, a dead host stops, and its connection is dropped after the timeout.
+            # answers them, a dead host stops, and its connection is dropped after the timeout
+            # (here, or by the peer through the TTL; see the class docstring for why a
+            # server's ROUTER leaves them off).
             sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, int(heartbeat_s * 1000)))
             sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, int(heartbeat_s * 5000)))
             sock.setsockopt(zmq.HEARTBEAT_TTL, max(100, int(heartbeat_s * 5000)))

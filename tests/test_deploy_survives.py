@@ -1,16 +1,26 @@
 """Deployments that survive, with real processes on 127.0.0.1: ``kill -9`` of the server
 and ``serve --resume`` (same model bytes as a run never interrupted), ``kill -9`` of a join
-(the server goes on; the same command rejoins and contributes again), keys bound to ids."""
+(the server goes on; the same command rejoins and contributes again), keys bound to ids,
+a stopped join's connection dropped through its own heartbeat TTL."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
+import zmq
 
 from algorithms import algorithm_names
+from fedsim import deploy
+from fedsim.codec import Limits
 from fedsim.identity import make_keys
 from fedsim.runner import run
 from fedsim.scenario import load_scenario
+from network.transport import UnknownPeer
 
-from procs import Fedsim, free_port, reap
+from procs import ROOT, Fedsim, free_port, reap
 
 pytestmark = pytest.mark.realtime
 
@@ -122,3 +132,39 @@ def test_keys_are_bound_to_ids(tmp_path):
         assert summary["rounds"] == 3 and summary["counters"]["rejected_not_authorized"] >= 1
     finally:
         reap(server, impostor, unknown, *rightful)
+
+
+def test_the_server_drops_a_stopped_joins_connection_through_the_joins_heartbeat():
+    """The server's socket runs no ZMTP heartbeat of its own (see ``deploy._bind``); a join's
+    socket asks it, through the heartbeat TTL, to drop the connection after five silent
+    heartbeat periods: a stopped (or unreachable) join is gone, and the liveness check's
+    PONG to it fails."""
+    heartbeat = 0.2
+    join = ("import sys, time\nfrom network.transport import Transport\n"
+            "t = Transport(router=False, address=sys.argv[1], heartbeat_s=float(sys.argv[2]))\n"
+            "t.socket.send(b'hello')\ntime.sleep(120)\n")
+    context = zmq.Context()
+    server = deploy._bind(context, "tcp://127.0.0.1:0", None, Limits(), 1 << 20)
+    proc = subprocess.Popen([sys.executable, "-c", join, server.address, str(heartbeat)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert server.socket.poll(60_000, zmq.POLLIN)
+        peer, _ = server.socket.recv_multipart()
+        time.sleep(3 * heartbeat)  # its first heartbeats have come (the TTL rides on them)
+        server.send([b"still there?"], peer)
+        os.kill(proc.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        gone = None
+        while gone is None and time.monotonic() - stopped < 30 * heartbeat:
+            try:
+                server.send([b"still there?"], peer)
+            except UnknownPeer:
+                gone = time.monotonic() - stopped
+            time.sleep(heartbeat / 10)
+        # TTL: five heartbeat periods from the last heartbeat received
+        assert gone is not None and 3 * heartbeat <= gone <= 10 * heartbeat, gone
+    finally:
+        proc.kill()
+        proc.wait()
+        server.close()
+        context.destroy(linger=0)

@@ -4,7 +4,11 @@ put, and summary.json accounts for every message received. The server runs in th
 process (``deploy.serve``), its two client processes are ``deploy.join`` threads, and the
 hostile peer is its own process (``python -m fedsim.hostile``), bounded in count and time.
 Scaled-down versions of ``bench/flood.py`` and ``bench/fuzz_live.py``."""
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +78,53 @@ def test_fuzz_a_live_server(tmp_path, curve, monkeypatch):
     assert came == went and s["inbound"]["received"] >= 0.7 * n
     rejected = {k: v for k, v in s["inbound"].items() if k.startswith("rejected_")}
     assert sum(rejected.values()) >= 0.7 * n and len(rejected) >= 6, rejected
+
+
+# A child process (an abort there fails this test instead of ending the suite): the server's
+# socket as deploy.serve binds it; a raw ZMTP 3.1 peer completes the NULL handshake, sends far
+# more than the socket's receive high-water mark (so ZeroMQ stops reading its connection),
+# resets the connection (SO_LINGER 0), and the server then lives through a heartbeat
+# period and reads its pipe empty. With a ZMTP heartbeat on that socket libzmq 4.3.5
+# aborted here ("Assertion failed: !_io_error (src/stream_engine_base.cpp:310)").
+_RESET_PEER = r"""
+import socket, struct, sys, time
+import zmq
+from fedsim import deploy
+from fedsim.codec import Limits
+
+heartbeat = float(sys.argv[1])
+context = zmq.Context()
+server = deploy._bind(context, "tcp://127.0.0.1:0", None, Limits(), 1 << 20)
+peer = socket.create_connection(("127.0.0.1", int(server.address.rsplit(":", 1)[1])))
+greeting = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x01" + b"NULL".ljust(20, b"\0") + b"\0" + bytes(31)
+ready = b"\x05READY" + b"\x0bSocket-Type" + struct.pack(">I", 6) + b"DEALER"
+peer.sendall(greeting + bytes([0x04, len(ready)]) + ready)
+got = b""
+while len(got) < 66:  # the server's greeting and its READY: the handshake is done
+    got += peer.recv(4096)
+sent = 3000
+peer.sendall((b"\x00\x64" + b"x" * 100) * sent)  # one-frame messages of 100 bytes
+time.sleep(0.3 * heartbeat)  # ZeroMQ reads up to the high-water mark, then stops
+peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+peer.close()
+time.sleep(1.5 * heartbeat)  # past the next heartbeat of a socket with heartbeat_s=heartbeat
+read = 0
+while server.socket.poll(100, zmq.POLLIN):
+    server.socket.recv_multipart()
+    read += 1
+server.close()
+context.destroy(linger=0)
+print("survived", read, sent, flush=True)
+"""
+
+
+def test_the_server_socket_survives_a_peer_that_fills_its_pipe_and_resets():
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # 1 s: run.heartbeat's default (the period the joins ask the server for)
+    child = subprocess.run([sys.executable, "-c", _RESET_PEER, "1.0"], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0 and "survived" in child.stdout, (child.returncode, child.stdout, child.stderr[-3000:])
+    read, sent = map(int, child.stdout.split()[1:3])
+    # the peer's flood did fill the pipe: ZeroMQ stopped reading it before the reset
+    assert 0 < read < sent, (read, sent)
