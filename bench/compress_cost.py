@@ -121,16 +121,19 @@ class Clock:
 
 
 def precomputed_gradients(grads: list[dict[str, torch.Tensor]]):
-    """A stand-in for the methods' ``gradient`` that returns the next precomputed gradient."""
+    """A stand-in for the methods' ``minibatch_gradient`` (``algorithms.common``; a handler
+    takes its gradient with ``yield from`` it): returns the next precomputed gradient at once,
+    without asking the caller for one."""
     state = {"i": 0}
 
-    def gradient(model, params, x, y, batch_size, generator, l2=0.0):
+    def minibatch_gradient(params, x, y, batch_size, generator, l2=0.0):
         g = grads[state["i"] % len(grads)]
         state["i"] += 1
         out = {k: v.clone() for k, v in g.items()}
         Clock.mark = Clock.now()
-        return 0.0, out, len(x)
-    return gradient
+        return out, len(x)
+        yield  # a generator, as the real one (never reached)
+    return minibatch_gradient
 
 
 class LaqCase:
@@ -332,8 +335,8 @@ def measure(title: str, model: torch.nn.Module, batch: int, repeats: int, seed: 
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     grads = [{k: v.detach().clone() for k, v in loss_and_grad(model, params, x, y)[1].items()} for x, y in batches]
     fake = precomputed_gradients(grads)
-    laq_module.gradient = fake  # QRR's handler is LAQ's; LQ-SGD's is PowerSGD's
-    powersgd_module.gradient = fake
+    laq_module.minibatch_gradient = fake  # QRR's handler is LAQ's; LQ-SGD's is PowerSGD's
+    powersgd_module.minibatch_gradient = fake
     x, y = batches[0]
     cases: list[tuple[str, object]] = [("sgd step (forward + backward)", SgdCase(model, x, y)),
                                        ("sgd step through autograd (run.vectorise = false)", SgdCase(model, x, y, True))]
