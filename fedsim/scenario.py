@@ -68,8 +68,9 @@ class RunConfig:
     rounding, messages, bytes and modelled compute time are the same."""
     batch_clients: bool = True
     """With ``vectorise`` in virtual time: the clients that receive a message at the same
-    instant are computed together where the method offers it (``fedsim.batching``; stacked
-    local SGD for small dense models). ``false`` computes them one at a time."""
+    instant are computed together where the method offers it (``fedsim.batching``: FedAvg's
+    local SGD stacked for small dense models; SGD's and the compressing methods' gradient
+    step stacked, their compression per client). ``false`` computes them one at a time."""
 
     def __post_init__(self) -> None:
         _expect(isinstance(self.seed, int) and not isinstance(self.seed, bool), "run.seed", self.seed, "must be an integer")
