@@ -174,9 +174,13 @@ class Runtime:
                 self.sent_view[(msg.dst, msg.round, msg.kind)] = self.sim.algorithm.server_digest(msg.dst)
             return send(msg, tensors)
         self.sim.server_node.send = tapped_send
+        taps: dict = {}
         for client in self.sim.clients.values():
             client.handlers = {kind: self._tap(kind, h) for kind, h in client.handlers.items()}
-            client.batch_handlers = {kind: self._tap_batch(kind, h) for kind, h in client.batch_handlers.items()}
+            # one wrapper per (kind, handler): the batcher groups clients by handler, so equal
+            # handlers must stay equal for the clients of an instant to be computed together
+            client.batch_handlers = {kind: taps.setdefault((kind, h), self._tap_batch(kind, h))
+                                     for kind, h in client.batch_handlers.items()}
         self.restarts = 0
         self.rounds = 0
         self.last_contributions: dict[int, int] = {}
