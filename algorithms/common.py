@@ -152,9 +152,9 @@ def loss_and_grad_many(model: nn.Module, starts: list[Params], xs: list[torch.Te
 GradientSteps = Generator[tuple[Params, torch.Tensor, torch.Tensor], Params, "Payload | None"]
 """A client handler that needs one gradient, written as a generator: it checks its request,
 yields ``(params, x, y)``, is sent the gradient of the cross-entropy at ``params`` on those
-samples (:func:`loss_and_grad`), and returns its reply. Run one with :func:`one_gradient`,
-or many clients' at once with :func:`many_gradients` (their gradients stacked): the same
-code serves a method's plain and batch handlers."""
+samples (:func:`loss_and_grad`), and returns its reply. A method's plain handler is
+``one_gradient(self._steps, ctx, payload)`` and its batch handler
+``many_gradients(self._steps, ctxs, payloads)`` (the gradients stacked): one code path."""
 
 
 def minibatch_gradient(params: Params, x: torch.Tensor, y: torch.Tensor, batch_size: int,
@@ -182,33 +182,39 @@ def _send_gradient(steps: GradientSteps, grads: Params):
     raise RuntimeError("a gradient handler asked for a second gradient")
 
 
-def one_gradient(model: nn.Module, steps: GradientSteps):
-    """Run one :data:`GradientSteps` handler to its reply."""
+def one_gradient(handler: Callable[..., GradientSteps], ctx, payload: Payload):
+    """A plain client handler from a :data:`GradientSteps` one: ``handler(ctx, payload)``
+    run to its reply, its gradient taken on ``ctx.model``."""
+    steps = handler(ctx, payload)
     try:
         params, x, y = next(steps)
     except StopIteration as done:  # answered without a gradient (a stale request, a skip)
         return done.value
-    return _send_gradient(steps, loss_and_grad(model, params, x, y)[1])
+    return _send_gradient(steps, loss_and_grad(ctx.model, params, x, y)[1])
 
 
-def many_gradients(model: nn.Module, handlers: list[GradientSteps]) -> list:
-    """Run many clients' :data:`GradientSteps` handlers: every request first, then their
-    gradients in one :func:`loss_and_grad_many`, then every reply. Returns, in order, each
-    reply or the :class:`ProtocolError` its handler raised (a batch handler's contract).
+def many_gradients(handler: Callable[..., GradientSteps], ctxs, payloads) -> list:
+    """A batch handler from a :data:`GradientSteps` one: every client's request first, then
+    their gradients in one :func:`loss_and_grad_many`, then every reply. Returns, in order,
+    each reply or the :class:`ProtocolError` its handler raised (a batch handler's contract).
     Each client draws from its own generator and state, so interleaving them changes nothing."""
-    out: list = [None] * len(handlers)
-    asks: list[tuple[int, tuple[Params, torch.Tensor, torch.Tensor]]] = []
-    for i, steps in enumerate(handlers):
+    out: list = [None] * len(ctxs)
+    asks: list[tuple[int, GradientSteps, tuple[Params, torch.Tensor, torch.Tensor]]] = []
+    for i, (ctx, payload) in enumerate(zip(ctxs, payloads)):
         try:
-            asks.append((i, next(steps)))
+            steps = handler(ctx, payload)
+            asks.append((i, steps, next(steps)))
         except StopIteration as done:
             out[i] = done.value
         except ProtocolError as exc:
             out[i] = exc
-    grads = loss_and_grad_many(model, [a[0] for _, a in asks], [a[1] for _, a in asks], [a[2] for _, a in asks])
-    for (i, _), g in zip(asks, grads):
+    if not asks:
+        return out
+    grads = loss_and_grad_many(ctxs[0].model, [a[0] for *_, a in asks], [a[1] for *_, a in asks],
+                               [a[2] for *_, a in asks])
+    for (i, steps, _), g in zip(asks, grads):
         try:
-            out[i] = _send_gradient(handlers[i], g)
+            out[i] = _send_gradient(steps, g)
         except ProtocolError as exc:
             out[i] = exc
     return out

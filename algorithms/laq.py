@@ -100,7 +100,7 @@ import torch
 from . import bitpack
 from . import quantizers as qz
 from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
-from .common import check_finite, check_like, dense_bits, many_gradients, minibatch_gradient, one_gradient, params_finite
+from .common import check_like, dense_bits, many_gradients, minibatch_gradient, one_gradient, params_finite
 
 FORGET_AFTER = 30
 """Rounds without an accepted upload after which the server drops a client's mirror."""
@@ -298,12 +298,11 @@ class DifferentialQuantized(Algorithm):
         return {"grad": self.on_grad_batch}
 
     def on_grad(self, ctx, payload: Payload) -> Payload | None:
-        return one_gradient(ctx.model, self._on_grad(ctx, payload))
+        return one_gradient(self._on_grad, ctx, payload)
 
     def on_grad_batch(self, ctxs, payloads) -> list:
         """``on_grad`` for the clients asked at one instant, their gradients stacked."""
-        return many_gradients(ctxs[0].model if ctxs else self.model,
-                              [self._on_grad(ctx, p) for ctx, p in zip(ctxs, payloads)])
+        return many_gradients(self._on_grad, ctxs, payloads)
 
     def _on_grad(self, ctx, payload: Payload):
         check_like(payload, self.params, f"{self.name} model", finite=False)

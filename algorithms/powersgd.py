@@ -72,7 +72,7 @@ from typing import Any
 
 import torch
 
-from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
+from .base import Algorithm, Payload, ProtocolError, check, check_int, register, state_digest
 from .common import all_finite, check_like, dense_bits, many_gradients, minibatch_gradient, one_gradient, params_finite
 from .laq import accumulator_tag
 
@@ -303,19 +303,17 @@ class PowerSGD(Algorithm):
         return {"p": self.on_p_batch, "warmup": self.on_warmup_batch}
 
     def on_warmup(self, ctx, payload: Payload) -> Payload | None:
-        return one_gradient(ctx.model, self._on_warmup(ctx, payload))
+        return one_gradient(self._on_warmup, ctx, payload)
 
     def on_warmup_batch(self, ctxs, payloads) -> list:
-        return many_gradients(ctxs[0].model if ctxs else self.model,
-                              [self._on_warmup(ctx, p) for ctx, p in zip(ctxs, payloads)])
+        return many_gradients(self._on_warmup, ctxs, payloads)
 
     def on_p(self, ctx, payload: Payload) -> Payload | None:
-        return one_gradient(ctx.model, self._on_p(ctx, payload))
+        return one_gradient(self._on_p, ctx, payload)
 
     def on_p_batch(self, ctxs, payloads) -> list:
         """``on_p`` for the clients asked at one instant, their gradients stacked."""
-        return many_gradients(ctxs[0].model if ctxs else self.model,
-                              [self._on_p(ctx, p) for ctx, p in zip(ctxs, payloads)])
+        return many_gradients(self._on_p, ctxs, payloads)
 
     def _on_warmup(self, ctx, payload: Payload):
         if not _fresh(ctx.state, payload.version):

@@ -140,12 +140,11 @@ class TopK(Algorithm):
         return {"grad": self.on_grad_batch}
 
     def on_grad(self, ctx, payload: Payload) -> Payload | None:
-        return one_gradient(ctx.model, self._on_grad(ctx, payload))
+        return one_gradient(self._on_grad, ctx, payload)
 
     def on_grad_batch(self, ctxs, payloads) -> list:
         """``on_grad`` for the clients asked at one instant, their gradients stacked."""
-        return many_gradients(ctxs[0].model if ctxs else self.model,
-                              [self._on_grad(ctx, p) for ctx, p in zip(ctxs, payloads)])
+        return many_gradients(self._on_grad, ctxs, payloads)
 
     def _on_grad(self, ctx, payload: Payload):
         check_like(payload, self.params, "topk model", finite=False)
