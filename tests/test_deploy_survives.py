@@ -150,7 +150,7 @@ def test_the_server_drops_a_stopped_joins_connection_through_the_joins_heartbeat
     try:
         assert server.socket.poll(60_000, zmq.POLLIN)
         peer, _ = server.socket.recv_multipart()
-        time.sleep(3 * heartbeat)  # its first heartbeats have come (the TTL rides on them)
+        time.sleep(3 * heartbeat)  # its first heartbeats have come (ZeroMQ-internal: nothing to poll)
         server.send([b"still there?"], peer)
         os.kill(proc.pid, signal.SIGSTOP)
         stopped = time.monotonic()
