@@ -369,9 +369,9 @@ class Transport:
             if self.curve_server and peer not in self._user_ids:
                 self._remember_user(peer, first)
             if router:
-                on_message(peer, [f.buffer.toreadonly() if len(f) >= _ZC else f.bytes for f in frames[1:]])
+                on_message(peer, [f.buffer.toreadonly() if len(f) >= ZERO_COPY_BYTES else f.bytes for f in frames[1:]])
             else:
-                on_message(b"", [f.buffer.toreadonly() if len(f) >= _ZC else f.bytes for f in frames])
+                on_message(b"", [f.buffer.toreadonly() if len(f) >= ZERO_COPY_BYTES else f.bytes for f in frames])
             self._current = None
         if more_waiting and self.loop is not None:
             if 2 * (self.discarded[BANNED] - banned_before) > n and self.ban_pause_s > 0:
@@ -396,13 +396,10 @@ class Transport:
 ZERO_COPY_BYTES = 64 * 1024
 """Received frames of at least this many bytes reach ``on_message`` as read-only memoryviews
 of ZeroMQ's own buffer instead of copies."""
-
-
 # A copy of a large frame buys nothing: the view keeps the Frame, and with it the message's
 # memory, alive and unchanged. Within one process (inproc) the view is of the sender's own
 # immutable bytes object, so every receiver of a broadcast sees the same memory
 # (``codec.DecodeCache`` relies on that to skip the CRC pass).
-_ZC = ZERO_COPY_BYTES
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
