@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Protocol, Sequence
 
 import torch
+import xxhash
 from torch import nn
 
 Params = dict[str, torch.Tensor]
@@ -233,9 +234,10 @@ _NUMPY_DTYPES = frozenset({torch.float32, torch.float64, torch.float16, torch.in
                            torch.int8, torch.uint8, torch.bool})
 
 
-def state_digest(state: Mapping[str, Any]) -> bytes:
-    """A byte digest of tensors (and scalars) in a mapping, independent of insertion order."""
-    h = hashlib.sha256()
+def state_digest(state: Mapping[str, Any], new_hash: Callable[[], Any] = hashlib.sha256) -> bytes:
+    """A byte digest of tensors (and scalars) in a mapping, independent of insertion order
+    (``new_hash``: a hashlib-style constructor, sha256 by default)."""
+    h = new_hash()
     for key in sorted(state):
         value = state[key]
         h.update(key.encode())
@@ -256,10 +258,21 @@ def state_digest(state: Mapping[str, Any]) -> bytes:
             if t.numel():  # the buffer itself, not a bytes copy of it
                 h.update(t.reshape(-1).view(torch.uint8).numpy())
         elif isinstance(value, Mapping):
-            h.update(state_digest(value))
+            h.update(state_digest(value, new_hash))
         else:
             h.update(repr(value).encode())
     return h.digest()
+
+
+def content_tag(state: Mapping[str, Any]) -> str:
+    """16 hex digits (64 bits) naming ``state``'s content: the tags a client and the server
+    compare on the wire to know that their mirrored copies agree (LAQ's accumulators, top-k's
+    estimates, PowerSGD's Q). The hash is xxh3-128 (xxhash), about 25x faster than sha256 on
+    QRR's 240 KB accumulator, where sha256 cost ~15% of a client's encode: a tag detects two
+    honest copies drifting apart (chance 2^-64 that two different states share one); it
+    authenticates nothing (CURVE does), and a client that forged one could only spoil its own
+    contribution, which it can do anyway."""
+    return state_digest(state, xxhash.xxh3_128).hex()[:16]
 
 
 def params_digest(params: Params) -> str:

@@ -64,7 +64,7 @@ ceil(b * numel / 8) bytes and the radii as one float32 frame.
 State synchronisation (content-addressed, so no fault can make the server apply an
 innovation to the wrong base):
 
-* a tag is a hash of the accumulator's bytes (16 hex digits of sha256);
+* a tag is a hash of the accumulator's bytes (16 hex digits of xxh3-128: :func:`base.content_tag`);
 * every upload carries ``base`` (the ack it answered: the tag of the server's mirror when the
   request left), ``tag`` (the tag of the client's new Q_m^k) and ``reset``; a skip carries
   ``base`` (the mirror it relied on);
@@ -99,7 +99,7 @@ import torch
 
 from . import bitpack
 from . import quantizers as qz
-from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
+from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, content_tag, register, state_digest
 from .common import check_like, dense_bits, many_gradients, minibatch_gradient, one_gradient, params_finite
 
 FORGET_AFTER = 30
@@ -110,8 +110,8 @@ RADII = "radii"
 
 
 def accumulator_tag(q: dict[str, torch.Tensor]) -> str:
-    """Content tag of an accumulator: 16 hex digits of its sha256 digest."""
-    return state_digest({"Q": q}).hex()[:16]
+    """Content tag of an accumulator (:func:`base.content_tag`)."""
+    return content_tag({"Q": q})
 
 
 class DifferentialQuantized(Algorithm):
@@ -165,8 +165,9 @@ class DifferentialQuantized(Algorithm):
         return dict(self.shapes)
 
     def targets(self, grads: Params, previous: dict[str, torch.Tensor] | None,
-                generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """The tensors to quantize for ``grads``; ``previous`` is the committed accumulator."""
+                generator: torch.Generator, samples: int) -> dict[str, torch.Tensor]:
+        """The tensors to quantize for ``grads``, the gradient over ``samples`` samples;
+        ``previous`` is the committed accumulator."""
         return grads
 
     def rebuild(self, q: dict[str, torch.Tensor]) -> Params:
@@ -322,7 +323,7 @@ class DifferentialQuantized(Algorithm):
         reset = "Q" not in state
         previous = None if reset else state["Q"]
         base = previous if previous is not None else self._zeros()
-        targets = self.targets(grads, previous, ctx.generator)
+        targets = self.targets(grads, previous, ctx.generator, seen)
         names = list(self.layout)
         quantized = dict(zip(names, qz.laq_quantize_many([targets[n] for n in names], [base[n] for n in names],
                                                          self.config.bits)))

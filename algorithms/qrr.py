@@ -24,8 +24,8 @@ Per parameter tensor of client m's minibatch gradient, with p = ``rank_fraction`
 
 * 2-D (m x n): truncated SVD keeping k = ceil(p min(m, n)) singular triplets, U (m x k),
   S (k), V^T (k x n). ``svd = "exact"``: the best rank-k factors; a minibatch gradient has
-  rank at most the batch, so when a fixed Gaussian sketch of k + 5 columns holds its whole
-  range (checked) they come from sketch-sized matrices (:func:`common.exact_truncated_svd`;
+  rank at most the batch b, so when a fixed Gaussian sketch of min(k, b) + 5 columns holds
+  its whole range (checked; else one of k + 5) they come from sketch-sized matrices (:func:`common.exact_truncated_svd`;
   triplets beyond the gradient's rank are zeros), otherwise from ``torch.linalg.svd``;
   ``"randomized"`` a randomised range finder (Halko et al.: k + 5 columns, 2 power
   iterations, skipped when the first sketch already holds the range) drawn from the
@@ -77,11 +77,12 @@ OVERSAMPLE = 5
 POWER_ITERS = 2
 
 
-def truncated_svd(a: torch.Tensor, k: int, align_to=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(a: torch.Tensor, k: int, align_to=None,
+                  rank_bound: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The best rank-k factors (U, S, V^T) of ``a`` (Eckart-Young); cheap for a low-rank ``a``
-    (:func:`common.exact_truncated_svd`); ``align_to`` = (U_prev, V^T_prev): signs aligned
-    as :func:`align_svd` does."""
-    return exact_truncated_svd(a, k, align_to=align_to)
+    (:func:`common.exact_truncated_svd`, with ``rank_bound`` what is known of its rank);
+    ``align_to`` = (U_prev, V^T_prev): signs aligned as :func:`align_svd` does."""
+    return exact_truncated_svd(a, k, align_to=align_to, rank_bound=rank_bound)
 
 
 def randomized_svd(a: torch.Tensor, k: int, generator: torch.Generator,
@@ -168,9 +169,12 @@ class QRR(DifferentialQuantized):
             layout[name] = tuple(shape)
         return layout
 
-    def targets(self, grads: Params, previous, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def targets(self, grads: Params, previous, generator: torch.Generator, samples: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         align = self.config.align_signs and previous is not None
+        # a linear layer's gradient over b samples is a sum of b outer products: rank <= b
+        # (an L2 term adds the full-rank weights; other 2-D tensors are checked by the sketch)
+        rank_bound = samples if self.config.l2 == 0 else None
         for name, plan in self.plan.items():
             g = grads[name].detach().to(torch.float32)
             if plan[0] == "svd":
@@ -178,7 +182,7 @@ class QRR(DifferentialQuantized):
                 # align_svd's flips, made by the SVD itself (on its small factors where it can)
                 prev = (previous[f"{name}{SEP}U"], previous[f"{name}{SEP}V"]) if align else None
                 if self.config.svd == "exact":
-                    u, s, vh = truncated_svd(g, k, align_to=prev)
+                    u, s, vh = truncated_svd(g, k, align_to=prev, rank_bound=rank_bound)
                 else:
                     u, s, vh = randomized_svd(g, k, generator, align_to=prev)
                 out.update({f"{name}{SEP}U": u, f"{name}{SEP}S": s, f"{name}{SEP}V": vh})

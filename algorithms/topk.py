@@ -20,7 +20,7 @@ is the shared estimate G_i, not a private residual).
 payload_bits (uplink): sum over tensors of 64 * k (a 32-bit index and a 32-bit value per
 entry). Downlink: 32 bits per parameter.
 
-State synchronisation (as LAQ's, content-addressed): a tag is 16 hex digits of the sha256
+State synchronisation (as LAQ's, content-addressed): a tag is 16 hex digits of the xxh3-128
 of G_i. An upload carries ``base`` (the ack it answered), ``tag`` (of the client's new G_i)
 and ``reset`` (G_i rebuilt from zero). The server applies it only if ``base`` equals its
 mirror's tag and the result hashes to ``tag``; otherwise it counts ``stale_rejected`` or
@@ -37,15 +37,15 @@ from typing import Any
 
 import torch
 
-from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
+from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, content_tag, register, state_digest
 from .common import check_like, dense_bits, many_gradients, minibatch_gradient, one_gradient
 
 _TAG = re.compile(r"^[0-9a-f]{16}$")
 
 
 def estimate_tag(g: Params) -> str:
-    """Content tag of a gradient estimate: 16 hex digits of its sha256."""
-    return state_digest({"G": g}).hex()[:16]
+    """Content tag of a gradient estimate (:func:`base.content_tag`)."""
+    return content_tag({"G": g})
 
 
 @register

@@ -140,11 +140,14 @@ def test_laq_scenario_counts_skipped_uploads_in_the_summary():
 
 
 def test_state_digest_bytes_are_the_tensors_bytes_in_c_order():
-    """state_digest (the accumulator tags on the wire) hashes dtype, shape and the C-order bytes
-    of each tensor, whatever the tensor's strides or dtype: the same digest as spelling it out."""
+    """state_digest (and content_tag, the accumulator tags on the wire) hash dtype, shape and
+    the C-order bytes of each tensor, whatever the tensor's strides or dtype: the same digest
+    as spelling it out, with sha256 (the default) and with content_tag's xxh3-128."""
     import hashlib
 
-    from algorithms.base import state_digest
+    import xxhash
+
+    from algorithms.base import content_tag, state_digest
 
     g = torch.Generator().manual_seed(0)
     odd = torch.randn(1, 5, generator=g).T.contiguous().T  # contiguous with a stride != 1 on a size-1 dim
@@ -152,12 +155,20 @@ def test_state_digest_bytes_are_the_tensors_bytes_in_c_order():
                "d": torch.tensor(2.5), "e": torch.arange(6).reshape(2, 3), "f": torch.tensor([True, False]),
                "g": torch.randn(8, generator=g)[2:6], "h": odd, "i": torch.randn(3, generator=g).half(),
                "j": torch.randn(2, requires_grad=True), "k": torch.randn(2, generator=g).bfloat16()}
-    h = hashlib.sha256()
-    h.update(b"Q")
-    inner = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous()
-        inner.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        inner.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    h.update(inner.digest())
-    assert state_digest({"Q": tensors}) == h.digest()
+
+    def spelled_out(new_hash):
+        h = new_hash()
+        h.update(b"Q")
+        inner = new_hash()
+        for name in sorted(tensors):
+            t = tensors[name].detach().contiguous()
+            inner.update(name.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
+            inner.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(inner.digest())
+        return h.digest()
+
+    assert state_digest({"Q": tensors}) == spelled_out(hashlib.sha256)
+    tag = content_tag({"Q": tensors})
+    assert tag == spelled_out(xxhash.xxh3_128).hex()[:16]
+    tensors["a"][0, 0] += 1.0  # one value changed: another tag
+    assert content_tag({"Q": tensors}) != tag
