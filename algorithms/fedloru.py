@@ -88,13 +88,14 @@ Scenario keys (``[algorithm]``): ``rank``, ``alpha``, ``init``, ``local_step``, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
+from .local_training import LocalSteps, Training, many_trainings, one_training
 from .lowrank import (LOSSES, check_rank_fits, conv_weights, expect_tensors, float_bits, linear_weights,
-                      local_steps, mean_by, positive_samples, scaled_factor_grads)
+                      mean_by, positive_samples, scaled_factor_grads)
 
 INITS = ("official", "subspace")
 LOCAL_STEPS = ("official", "preconditioned")
@@ -224,6 +225,7 @@ class FedLoRU(Algorithm):
 
     def __init__(self, config: "FedLoRU.Config", model: torch.nn.Module):
         super().__init__(config, model)
+        self._step_maps: dict[tuple[str, str], Any] = {}
         linear = linear_weights(model, config.keep_last_dense)
         if linear:
             check_rank_fits(linear, self.params, config.rank)
@@ -371,6 +373,16 @@ class FedLoRU(Algorithm):
     def client_handlers(self):
         return {"train": self.on_train}
 
+    def client_batch_handlers(self):
+        """Local training for the clients of an instant together (:mod:`algorithms.local_training`)."""
+        return {"train": self.on_train_batch}
+
+    def on_train(self, ctx, payload: Payload) -> Payload | None:
+        return one_training(self._on_train, ctx, payload)
+
+    def on_train_batch(self, ctxs, payloads) -> list:
+        return many_trainings(self._on_train, ctxs, payloads)
+
     def _sync_base(self, ctx, payload: Payload) -> dict[str, Any] | None:
         """The client's base after this message, or None when it cannot hold the named version."""
         t, version = payload.tensors, payload.meta.get("base_version")
@@ -386,7 +398,7 @@ class FedLoRU(Algorithm):
         ctx.state["shared"] = shared
         return shared
 
-    def on_train(self, ctx, payload: Payload) -> Payload | None:
+    def _on_train(self, ctx, payload: Payload) -> Training:
         cfg = self.config
         if payload.version < ctx.state.get("newest", payload.version):
             return None  # a late message of an older round: ignored, the state stays
@@ -406,24 +418,21 @@ class FedLoRU(Algorithm):
             held = ctx.state.pop("shared", {}).get("base_version", -1)
             return Payload(meta={"samples": len(ctx.x), "resync": True, "held_base": held}, payload_bits=0,
                            version=payload.version)
-        base = {k: shared[f"{k}.W0"] for k in self.factorised}
+        base = {f"{k}.W0": shared[f"{k}.W0"] for k in self.factorised}
         t = payload.tensors
         start = {f"{k}.{f}": t[f"{k}.{f}"] for k in self.factorised for f in ("A", "B")}
         start.update({k: t[k] for k in self.dense_names})
         generator = ctx.generator
         personal = self._personal(ctx, generator)
-
-        def build_global(leaves):  # personal modules fixed
-            return self._compose(base, leaves, personal)
-        trained, seen = local_steps(ctx.model, build_global, start, ctx.x, ctx.y, loss=cfg.loss, lr=cfg.lr,
-                                    steps=cfg.local_steps, batch_size=cfg.batch_size, generator=generator,
-                                    **self._step_rule("B", "A"))
+        steps = {"loss": cfg.loss, "lr": cfg.lr, "steps": cfg.local_steps, "batch_size": cfg.batch_size}
+        # the global modules, the personal ones fixed (held with the base: what the steps do not train)
+        trained, seen = yield LocalSteps(ctx.model, self._compose_global, {**base, **personal}, start, ctx.x, ctx.y,
+                                         generator, None, {**steps, **self._step_rule("B", "A")})
         if personal:
-            def build_personal(leaves):  # global modules fixed at their trained values
-                return self._compose(base, trained, leaves)
-            personal_trained, more = local_steps(ctx.model, build_personal, personal, ctx.x, ctx.y, loss=cfg.loss,
-                                                 lr=cfg.lr, steps=cfg.local_steps, batch_size=cfg.batch_size,
-                                                 generator=generator, **self._step_rule("Bp", "Ap"))
+            # then the personal modules, the global ones fixed at their trained values
+            fixed = {**base, **{f"trained:{key}": v for key, v in trained.items()}}
+            personal_trained, more = yield LocalSteps(ctx.model, self._compose_personal, fixed, personal, ctx.x,
+                                                      ctx.y, generator, None, {**steps, **self._step_rule("Bp", "Ap")})
             ctx.state["personal"] = personal_trained
             seen += more
         ctx.charge(seen)
@@ -440,9 +449,13 @@ class FedLoRU(Algorithm):
         return {"precondition": self._scaled(b, a)}
 
     def _scaled(self, b: str, a: str):
-        """The step map of ``local_steps``: scaled factor gradients (or None: plain SGD)."""
+        """The step map of ``local_steps``: scaled factor gradients (or None: plain SGD); one
+        function per (b, a), so that the clients' requests compare equal and train together."""
         if not self.config.damping:
             return None
+        cached = self._step_maps.get((b, a))
+        if cached is not None:
+            return cached
 
         def precondition(grads: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out = dict(grads)
@@ -451,19 +464,35 @@ class FedLoRU(Algorithm):
                 out[kb], out[ka] = scaled_factor_grads(grads[kb], grads[ka], leaves[kb], leaves[ka],
                                                        self.config.damping)
             return out
+        self._step_maps[(b, a)] = precondition
         return precondition
 
     def _compose(self, base: Params, leaves: dict[str, torch.Tensor], personal: dict[str, torch.Tensor]) -> Params:
+        """W0 + s B A (+ Bp Ap) per factorised layer, the dense leaves as they are; the
+        modules may carry a leading dimension of clients (stacked local steps)."""
         out = {}
         for k in self.params:
             if k in base:
                 prod = self.scale * (leaves[f"{k}.B"] @ leaves[f"{k}.A"])
                 if personal:
                     prod = prod + personal[f"{k}.Bp"] @ personal[f"{k}.Ap"]
-                out[k] = base[k] + prod.reshape(base[k].shape)
+                out[k] = base[k] + prod.reshape(prod.shape[:-2] + base[k].shape)
             else:
                 out[k] = leaves[k]
         return out
+
+    def _compose_global(self, fixed: Mapping[str, torch.Tensor], leaves: dict[str, torch.Tensor]) -> Params:
+        """The model while the global modules train: ``fixed`` holds the base (``<k>.W0``)
+        and the personal modules (``<k>.Bp``, ``<k>.Ap``, if any)."""
+        base = {k: fixed[f"{k}.W0"] for k in self.factorised}
+        return self._compose(base, leaves, {key: v for key, v in fixed.items() if not key.endswith(".W0")})
+
+    def _compose_personal(self, fixed: Mapping[str, torch.Tensor], leaves: dict[str, torch.Tensor]) -> Params:
+        """The model while the personal modules train: ``fixed`` holds the base and the
+        trained global modules (``trained:<name>``)."""
+        base = {k: fixed[f"{k}.W0"] for k in self.factorised}
+        trained = {key.removeprefix("trained:"): v for key, v in fixed.items() if key.startswith("trained:")}
+        return self._compose(base, trained, leaves)
 
     def _personal(self, ctx, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """This client's personal modules (created on first use), or {} when off."""

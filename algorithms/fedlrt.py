@@ -74,13 +74,15 @@ Scenario keys (``[algorithm]``): ``rank`` (initial rank of every factorised laye
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, Mapping
 
 import torch
 
 from .base import Algorithm, Params, Payload, ProtocolError, check, check_int, register, state_digest
+from .local_training import LocalSteps, Training, many_trainings, one_training
 from .lowrank import (LOSSES, Factors, augment_basis, check_rank_fits, expect_tensors, float_bits,
-                      linear_weights, local_steps, loss_and_grads, mean_by, pad_coefficients,
+                      linear_weights, loss_and_grads, mean_by, pad_coefficients,
                       positive_samples, svd_factors, truncate)
 
 VARIANCE_CORRECTIONS = ("full", "simplified", "none")
@@ -292,11 +294,31 @@ class FeDLRT(Algorithm):
     def client_handlers(self):
         return {"basis": self.on_basis, "augment": self.on_augment, "correction": self.on_correction}
 
-    def _build(self, U: dict[str, torch.Tensor], V: dict[str, torch.Tensor]):
-        """Named model parameters from coefficients ``<k>.S`` (and dense leaves) in a fixed basis."""
-        def build(leaves: dict[str, torch.Tensor]) -> Params:
-            return {k: (U[k] @ leaves[f"{k}.S"] @ V[k].T if k in U else leaves[k]) for k in self.params}
-        return build
+    def client_batch_handlers(self):
+        """The two kinds that train (``local_steps`` on S̃), for the clients of an instant
+        together (:mod:`algorithms.local_training`)."""
+        return {"augment": self.on_augment_batch, "correction": self.on_correction_batch}
+
+    def on_augment(self, ctx, payload: Payload) -> Payload | None:
+        return one_training(self._on_augment, ctx, payload)
+
+    def on_augment_batch(self, ctxs, payloads) -> list:
+        return many_trainings(self._on_augment, ctxs, payloads)
+
+    def on_correction(self, ctx, payload: Payload) -> Payload | None:
+        return one_training(self._on_correction, ctx, payload)
+
+    def on_correction_batch(self, ctxs, payloads) -> list:
+        return many_trainings(self._on_correction, ctxs, payloads)
+
+    def _compose(self, basis: Mapping[str, torch.Tensor], leaves: dict[str, torch.Tensor]) -> Params:
+        """Named model parameters from coefficients ``<k>.S`` (and dense leaves) in the fixed
+        basis ``<k>.U``, ``<k>.V`` (the leaves may be stacked along a first dimension of clients)."""
+        return {k: (basis[f"{k}.U"] @ leaves[f"{k}.S"] @ basis[f"{k}.V"].T if f"{k}.U" in basis else leaves[k])
+                for k in self.params}
+
+    def _basis(self, U: dict[str, torch.Tensor], V: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**{f"{k}.U": u for k, u in U.items()}, **{f"{k}.V": v for k, v in V.items()}}
 
     def on_basis(self, ctx, payload: Payload) -> Payload | None:
         cfg = self.config
@@ -361,7 +383,7 @@ class FeDLRT(Algorithm):
         leaves.update({k: shared[k] for k in self.dense_names})
         return U, V, leaves
 
-    def on_augment(self, ctx, payload: Payload) -> Payload | None:
+    def _on_augment(self, ctx, payload: Payload) -> Training:
         cfg = self.config
         if not self._holds_round(ctx, payload, [], cfg.variance_correction == "simplified"):
             return self._refuse(ctx, payload)
@@ -379,11 +401,11 @@ class FeDLRT(Algorithm):
         for k in self.factorised:
             shared[f"{k}.Ua"], shared[f"{k}.Va"] = payload.tensors[f"{k}.Ua"], payload.tensors[f"{k}.Va"]
         U, V, start = self._start(shared)
-        build = self._build(U, V)
+        basis = self._basis(U, V)
 
         if cfg.variance_correction == "full":
             # The start-point gradient: sent now, kept for the correction of step 3.
-            _, grads = loss_and_grads(ctx.model, build, start, ctx.x, ctx.y, cfg.loss)
+            _, grads = loss_and_grads(ctx.model, partial(self._compose, basis), start, ctx.x, ctx.y, cfg.loss)
             ctx.charge(len(ctx.x))
             local = self._grads_as_message(grads)
             ctx.state["private"] = {"start_grads": local}
@@ -398,7 +420,7 @@ class FeDLRT(Algorithm):
                 diff = payload.tensors[f"{k}.GS"] - local[f"{k}.GS"]
                 correction[f"{k}.S"] = pad_coefficients(diff, U[k].shape[1], V[k].shape[1])
             correction.update({k: payload.tensors[f"{k}.grad"] - local[f"{k}.grad"] for k in self.dense_names})
-        return self._train(ctx, payload, build, start, correction)
+        return (yield from self._train(ctx, payload, basis, start, correction))
 
     def _grads_as_message(self, grads: dict[str, torch.Tensor]) -> Params:
         """Leaf gradients renamed for the wire: ``<k>.GS`` for coefficients, ``<k>.grad`` for dense."""
@@ -406,7 +428,7 @@ class FeDLRT(Algorithm):
         out.update({f"{k}.grad": grads[k] for k in self.dense_names})
         return out
 
-    def on_correction(self, ctx, payload: Payload) -> Payload | None:
+    def _on_correction(self, ctx, payload: Payload) -> Training:
         if not self._holds_round(ctx, payload, [f"{k}.Ua" for k in self.factorised], True):
             return self._refuse(ctx, payload)
         local = ctx.state["private"]["start_grads"]
@@ -414,14 +436,14 @@ class FeDLRT(Algorithm):
         U, V, start = self._start(ctx.state["shared"])
         correction = {f"{k}.S": payload.tensors[f"{k}.GS"] - local[f"{k}.GS"] for k in self.factorised}
         correction.update({k: payload.tensors[f"{k}.grad"] - local[f"{k}.grad"] for k in self.dense_names})
-        return self._train(ctx, payload, self._build(U, V), start, correction)
+        return (yield from self._train(ctx, payload, self._basis(U, V), start, correction))
 
-    def _train(self, ctx, payload: Payload, build, start: dict[str, torch.Tensor],
-               correction: dict[str, torch.Tensor] | None) -> Payload:
+    def _train(self, ctx, payload: Payload, basis: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+               correction: dict[str, torch.Tensor] | None) -> Training:
         cfg = self.config
-        trained, seen = local_steps(ctx.model, build, start, ctx.x, ctx.y, loss=cfg.loss, lr=cfg.lr,
-                                    steps=cfg.local_steps, batch_size=cfg.batch_size, generator=ctx.generator,
-                                    correction=correction)
+        trained, seen = yield LocalSteps(ctx.model, self._compose, basis, start, ctx.x, ctx.y, ctx.generator,
+                                         correction, {"loss": cfg.loss, "lr": cfg.lr, "steps": cfg.local_steps,
+                                                      "batch_size": cfg.batch_size})
         ctx.charge(seen)
         out = {f"{k}.S": trained[f"{k}.S"] for k in self.factorised}
         out.update({f"{k}.delta": trained[k] - start[k] for k in self.dense_names})

@@ -220,23 +220,38 @@ def local_steps(model: nn.Module, build: Builder, leaves: dict[str, torch.Tensor
         idx = batch_indices(len(x), batch_size, generator)
         xb, yb = (x, y) if idx is None else (x[idx], y[idx])
         _, grads = loss_and_grads(model, build, current, xb, yb, loss)
-        if precondition is not None:
-            grads = precondition(grads, current)
-        if max_grad_norm > 0:
+        descend(current, grads, buffers, lr=lr, correction=correction, precondition=precondition, momentum=momentum,
+                weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        seen += len(xb)
+    return current, seen
+
+
+def descend(current: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], *,
+            lr: float, correction: Mapping[str, torch.Tensor] | None, precondition, momentum: float,
+            weight_decay: float, max_grad_norm: float, stacked: bool = False) -> None:
+    """One step of :func:`local_steps` on ``current`` (in place) from the step's ``grads``.
+    ``stacked``: every tensor holds many clients along its first dimension
+    (:mod:`algorithms.local_training`); the clipping norm is then each client's own."""
+    if precondition is not None:
+        grads = precondition(grads, current)
+    if max_grad_norm > 0:
+        if stacked:
+            total = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads.values()))
+            factor = torch.where(total > max_grad_norm, max_grad_norm / (total + 1e-6), torch.ones_like(total))
+            grads = {k: g * factor.view((-1,) + (1,) * (g.ndim - 1)) for k, g in grads.items()}
+        else:
             total = float(torch.sqrt(sum(g.pow(2).sum() for g in grads.values())))
             if total > max_grad_norm:
                 grads = {k: g * (max_grad_norm / (total + 1e-6)) for k, g in grads.items()}
-        for k, g in grads.items():
-            if correction is not None and k in correction:
-                g = g + correction[k]
-            if weight_decay:
-                g = g + weight_decay * current[k]
-            if momentum:
-                buf = buffers.get(k)
-                g = buffers[k] = g.clone() if buf is None else buf.mul_(momentum).add_(g)
-            current[k].sub_(g, alpha=lr)
-        seen += len(xb)
-    return current, seen
+    for k, g in grads.items():
+        if correction is not None and k in correction:
+            g = g + correction[k]
+        if weight_decay:
+            g = g + weight_decay * current[k]
+        if momentum:
+            buf = buffers.get(k)
+            g = buffers[k] = g.clone() if buf is None else buf.mul_(momentum).add_(g)
+        current[k].sub_(g, alpha=lr)
 
 
 def scaled_factor_grads(grad_B: torch.Tensor, grad_A: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
@@ -252,9 +267,10 @@ def scaled_factor_grads(grad_B: torch.Tensor, grad_A: torch.Tensor, B: torch.Ten
     size (Zhang & Pilanci 2024, Riemannian preconditioned LoRA). ``damping`` δ > 0 keeps the
     r×r systems regular while a factor is still near 0.
     """
-    eye = torch.eye(A.shape[0], dtype=A.dtype)
-    grad_B = torch.linalg.solve(A @ A.T + damping * eye, grad_B.T).T  # the Gram matrix is symmetric
-    grad_A = torch.linalg.solve(B.T @ B + damping * eye, grad_A)
+    eye = torch.eye(A.shape[-2], dtype=A.dtype)
+    # .mT: the factors may carry a leading dimension of clients (stacked local steps)
+    grad_B = torch.linalg.solve(A @ A.mT + damping * eye, grad_B.mT).mT  # the Gram matrix is symmetric
+    grad_A = torch.linalg.solve(B.mT @ B + damping * eye, grad_A)
     return grad_B, grad_A
 
 

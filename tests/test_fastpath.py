@@ -274,3 +274,75 @@ def test_sgd_clients_of_an_instant_computed_together(monkeypatch):
     assert stacked and max(stacked) > 1
     assert _observable(together) == _observable(alone)
     _close(together.final_params, alone.final_params, tol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [("algorithm.name=fedlrt", "algorithm.variance_correction=full"),
+                                   ("algorithm.name=fedlrt", "algorithm.variance_correction=simplified"),
+                                   ("algorithm.name=fedloru", "algorithm.local_step=preconditioned"),
+                                   ("algorithm.name=fedloru", "algorithm.local_step=official",
+                                    "algorithm.max_grad_norm=0.05"),
+                                   ("algorithm.name=fedloru", "algorithm.personal_rank=2")],
+                         ids=["fedlrt-full", "fedlrt-simplified", "fedloru-scaled", "fedloru-official-clipped",
+                              "fedloru-personal"])
+def test_low_rank_local_steps_of_an_instant_stacked_change_nothing_observable(extra, monkeypatch):
+    """FeDLRT's and FedLoRU's local steps (``local_training.many_trainings``), the clients of
+    an instant trained stacked: the same messages, bytes, times and events as one at a time,
+    the same model to float tolerance, and the stacked path really ran (except with FedLoRU's
+    personal modules: they differ per client and enter every composition, so each client
+    trains alone there)."""
+    from algorithms import local_training
+    stacked = []
+    original = local_training._stacked
+    monkeypatch.setattr(local_training, "_stacked", lambda plan, requests: (stacked.append(len(requests)),
+                                                                             original(plan, requests))[1])
+    scenario = ["data.clients=12", "data.dataset=digits", "data.partition=iid", "model.kind=mlp",
+                "model.hidden=[16]", "algorithm.rank=4", "algorithm.local_steps=3", "algorithm.batch_size=8",
+                "algorithm.keep_last_dense=false", "run.rounds=3", *extra]
+    if "algorithm.name=fedloru" in extra:
+        scenario.append("algorithm.merge_every=2")
+    together = run(load_scenario(None, scenario + ["run.batch_clients=true"]))
+    monkeypatch.undo()
+    alone = run(load_scenario(None, scenario + ["run.batch_clients=false"]))
+    if "algorithm.personal_rank=2" in extra:
+        assert not stacked
+    else:
+        assert stacked and max(stacked) > 1
+    assert _observable(together) == _observable(alone)
+    _close(together.final_params, alone.final_params, tol=1e-4)
+
+
+def test_stacked_low_rank_steps_match_one_client_at_a_time():
+    """``local_training.train_together`` on requests that differ in leaves, data, generators
+    and correction but share the basis: each client's result as :func:`lowrank.local_steps`
+    alone, to float tolerance; a request with another basis trains on its own."""
+    from functools import partial
+
+    from algorithms import local_training
+    from algorithms.lowrank import local_steps
+    model = build_model(ModelConfig(kind="mlp", hidden=[16]), (1, 8, 8), 3, seed=1)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    basis = {"1.weight.U": torch.linalg.qr(torch.randn(16, 4, generator=g)).Q,
+             "1.weight.V": torch.linalg.qr(torch.randn(64, 4, generator=g)).Q}
+    other = {k: v.flip(0) for k, v in basis.items()}
+
+    def compose(shared, leaves):
+        out = {k: leaves[k] for k in params if k != "1.weight"}
+        out["1.weight"] = shared["1.weight.U"] @ leaves["S"] @ shared["1.weight.V"].T
+        return out
+
+    requests = []
+    for i in range(5):
+        leaves = {"S": torch.randn(4, 4, generator=g), **{k: v + 0.01 * i for k, v in params.items() if k != "1.weight"}}
+        requests.append(local_training.LocalSteps(
+            model, compose, other if i == 4 else basis, leaves, torch.randn(10, 1, 8, 8, generator=g),
+            torch.randint(0, 3, (10,), generator=g), torch.Generator().manual_seed(i),
+            {"S": 0.01 * torch.randn(4, 4, generator=g)},
+            {"loss": "cross_entropy", "lr": 0.1, "steps": 4, "batch_size": 4, "momentum": 0.5}))
+    together = local_training.train_together(requests)
+    for i, r in enumerate(requests):
+        alone, seen = local_steps(model, partial(compose, r.shared), r.leaves, r.x, r.y, loss="cross_entropy",
+                                  lr=0.1, steps=4, batch_size=4, generator=torch.Generator().manual_seed(i),
+                                  correction=r.correction, momentum=0.5)
+        assert together[i][1] == seen == 16
+        _close(together[i][0], alone)
