@@ -96,7 +96,7 @@ class _Agenda:
             self._arm()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Transfer:
     tid: int
     direction: str
@@ -196,6 +196,8 @@ class Emulator:
         self._wakes: dict[float, list[_Conn]] = {}
         self._opening: list[_Transfer] = []
         self._seg_bits = 8.0 * (config.tcp.mss + config.tcp.header)
+        self._tcp = config.transport == "tcp"
+        self._tcp_header, self._tcp_mss = config.tcp.header, config.tcp.mss
         self.max_held_bytes = max_held_bytes
         self.queue_s = queue_s
         self._held: dict[int, int] = {}
@@ -490,8 +492,11 @@ class Emulator:
             delays = (max(0.0, link.latency + float(jit[0])), max(0.0, link.latency + float(jit[1])))
         tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup, cor, delays, on_drop=on_drop)
         self._transfers[tid] = tr
-        self._by_client.setdefault(client, set()).add(tid)
-        if self.config.transport == "tcp":
+        mine = self._by_client.get(client)
+        if mine is None:
+            mine = self._by_client[client] = set()
+        mine.add(tid)
+        if self._tcp:
             tr.bits = 8.0 * self.wire_bytes(nbytes)
             conn = tr.conn = self._conns.get((direction, client)) or self._new_conn(direction, client)
             conn.queue.append(tr)
@@ -549,10 +554,10 @@ class Emulator:
         """Bytes a message of ``nbytes`` application bytes puts on the wire: under TCP one
         ``network.tcp`` header (52 B: IPv4, TCP, timestamps) per segment of ``mss`` payload
         bytes, at least one segment. Logged and reported sizes stay ``nbytes``."""
-        if self.config.transport != "tcp":
-            return int(nbytes)
-        tcp = self.config.tcp
-        return int(nbytes) + tcp.header * packets(nbytes, tcp.mss)
+        nbytes = int(nbytes)
+        if not self._tcp:
+            return nbytes
+        return nbytes + self._tcp_header * packets(nbytes, self._tcp_mss)
 
     def _new_conn(self, direction: str, client: int) -> _Conn:
         tcp = self.config.tcp
@@ -683,7 +688,7 @@ class Emulator:
         key = (tr.direction, tr.client)
         for i in range(copies):
             when = tc + tr.delays[i]
-            if self.config.transport == "tcp":
+            if self._tcp:
                 # One ordered byte stream per link: a message never overtakes an earlier one.
                 when = max(when, self._last_delivery.get(key, -math.inf))
                 self._last_delivery[key] = when

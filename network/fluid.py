@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from dataclasses import dataclass
 from typing import Hashable, Iterable
 
@@ -22,7 +23,7 @@ Resource = Hashable
 FlowId = Hashable
 
 
-@dataclass
+@dataclass(slots=True)
 class Flow:
     """One flow. ``remaining`` and ``total`` in bits, ``rate`` and ``cap`` in bits/s."""
 
@@ -312,6 +313,9 @@ class _SharedLink:
         return out
 
 
+_ORDER = operator.attrgetter("order")
+
+
 class FluidNetwork:
     """Active flows sharing capacities; time moves only through :meth:`advance`.
 
@@ -381,8 +385,12 @@ class FluidNetwork:
         bits = float(bits)
         f = Flow(fid, bits, bits, tuple(resources), float(cap), 0.0, self.now, 0, self._order)
         self.flows[fid] = f
+        all_users = self._users
         for r in f.resources:
-            self._users.setdefault(r, {})[fid] = f
+            users = all_users.get(r)
+            if users is None:
+                users = all_users[r] = {}
+            users[fid] = f
         if not self._join_group(f):
             self._dirty_flows[fid] = f
 
@@ -510,7 +518,7 @@ class FluidNetwork:
             return comp
         taken: set[FlowId] = set()
         for r in sorted(shared, key=lambda r: min(f.order for f in self._users[r].values())):
-            users = sorted(self._users[r].values(), key=lambda f: f.order)
+            users = sorted(self._users[r].values(), key=_ORDER)
             if len(users) < self.shared_min:
                 continue
             if any(q != r and q in shared for f in users for q in f.resources):
@@ -550,7 +558,7 @@ class FluidNetwork:
                         stack.append(g)
         self._dirty_flows.clear()
         self._dirty_res.clear()
-        return sorted(seen.values(), key=lambda f: f.order)
+        return sorted(seen.values(), key=_ORDER)
 
     def _rates(self) -> None:
         if not self._dirty_flows and not self._dirty_res:
@@ -638,7 +646,7 @@ class FluidNetwork:
                 batch.append(self.flows[head[3]])
             for g in list(self._groups.values()):
                 batch.extend(g.pop_done(tc, tol))
-            for f in sorted(batch, key=lambda f: f.order):
+            for f in sorted(batch, key=_ORDER):
                 del self.flows[f.fid]
                 f.remaining, f.since = 0.0, tc
                 self._detach(f)
