@@ -247,12 +247,10 @@ class Node:
             self.transport.send(frames)
         return nbytes
 
-    def _maybe_corrupt(self, frames: list[bytes], corrupt: bool) -> list[bytes]:
-        return codec.corrupt(frames, self._corrupt_rng) if corrupt else frames
-
     def _on_wire(self, direction: str, client: int, frames: list, corrupt: bool) -> list:
         """The frames as the link delivers them; the tap, if any, gets a look at them."""
-        frames = self._maybe_corrupt(frames, corrupt)
+        if corrupt:
+            frames = codec.corrupt(frames, self._corrupt_rng)
         if self.tap is not None:
             self.tap(direction, client, frames)
         return frames

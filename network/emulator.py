@@ -20,6 +20,7 @@ clock's reading when the Emulator is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import math
 from collections import deque
@@ -229,7 +230,8 @@ class Emulator:
 
     # ------------------------------------------------------------------ time
     def _now(self) -> float:
-        return max(float(self.clock.now()), self._floor)
+        t, floor = float(self.clock.now()), self._floor
+        return floor if floor > t else t  # max(t, floor)
 
     def _sim(self, t: float) -> float:
         return t - self.t0
@@ -445,7 +447,7 @@ class Emulator:
             self._sync(now)
         self._tid += 1
         tid = self._tid
-        reason = self._down_reason(client)
+        reason = self._down_reason(client) if self._crashed or self._partitioned or self._offline else None
         if reason is not None:
             self.log("drop", direction=direction, client=client, nbytes=int(nbytes), reason=reason, tid=tid)
             if on_drop is not None:
@@ -670,7 +672,9 @@ class Emulator:
                 q = conn.window.timeout_probability()
                 done += rtt + q * max(0.0, self._rto(tr.client) - rtt)
         del self._transfers[tid]
-        self._by_client.get(tr.client, set()).discard(tid)
+        mine = self._by_client.get(tr.client)
+        if mine is not None:
+            mine.discard(tid)
         self._deliver(tr, done)
         if conn is not None:
             self._pump(conn, tc)
@@ -692,10 +696,9 @@ class Emulator:
                 # One ordered byte stream per link: a message never overtakes an earlier one.
                 when = max(when, self._last_delivery.get(key, -math.inf))
                 self._last_delivery[key] = when
-            corrupt = tr.corrupt[i]
-            self._agenda.at(when, _DELIVER, tid, lambda t, tr=tr, corrupt=corrupt: self._deliver_copy(tr, corrupt))
+            self._agenda.at(when, _DELIVER, tid, functools.partial(self._deliver_copy, tr, tr.corrupt[i]))
 
-    def _deliver_copy(self, tr: _Transfer, corrupt: bool) -> None:
+    def _deliver_copy(self, tr: _Transfer, corrupt: bool, t: float = 0.0) -> None:
         tr.copies_left -= 1
         if tr.copies_left == 0:
             self._release(tr, None)

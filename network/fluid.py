@@ -439,14 +439,16 @@ class FluidNetwork:
     def _detach(self, f: Flow) -> None:
         f.version += 1
         self._dirty_flows.pop(f.fid, None)
+        all_users, capacity = self._users, self.capacity
         for r in f.resources:
-            users = self._users.get(r)
+            users = all_users.get(r)
             if users is not None:
                 users.pop(f.fid, None)
                 if not users:
-                    del self._users[r]
+                    del all_users[r]
+                    continue  # nobody left on it: no rate depends on it
             # An unlimited link couples nobody, and a fast-path link re-levels itself.
-            if self._finite(r) and r not in self._groups:
+            if math.isfinite(capacity.get(r, math.inf)) and r not in self._groups:
                 self._dirty_res.add(r)
 
     def _settle(self, f: Flow) -> None:
@@ -571,12 +573,23 @@ class FluidNetwork:
         # A flow crossing no shared link is alone: its rate is its tightest constraint
         # (the common case with an unlimited server), no water-filling needed.
         cap = self.capacity
-        rates = {f.fid: min([f.cap] + [cap.get(r, math.inf) for r in f.resources])
-                 for f in comp if not shared.intersection(f.resources)}
-        if len(rates) < len(comp):
-            rates.update(max_min_rates([f for f in comp if f.fid not in rates], cap))
+        inf = math.inf
+        rates = None
+        if shared:
+            rates = {f.fid: min([f.cap] + [cap.get(r, inf) for r in f.resources])
+                     for f in comp if not shared.intersection(f.resources)}
+            if len(rates) < len(comp):
+                rates.update(max_min_rates([f for f in comp if f.fid not in rates], cap))
         for f in comp:
-            new = rates[f.fid]
+            if rates is None:
+                # the same tightest constraint as above, left to right like min()
+                new = f.cap
+                for r in f.resources:
+                    c = cap.get(r, inf)
+                    if c < new:
+                        new = c
+            else:
+                new = rates[f.fid]
             if new != f.rate or f.fresh:
                 self._settle(f)
                 f.rate = new

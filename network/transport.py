@@ -158,6 +158,7 @@ class Transport:
         else:
             sock.connect(address)
         self.socket = sock
+        self._copy_below = sock.copy_threshold
         self.curve_server = router and curve is not None
         self._user_ids: dict[bytes, str] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -227,12 +228,15 @@ class Transport:
 
     def _try_send(self, parts: list) -> bool:
         # ZeroMQ accepts or refuses a multipart message at its first frame, so EAGAIN can only
-        # come before anything was queued. Frames under pyzmq's copy_threshold are copied.
+        # come before anything was queued. Frames under pyzmq's copy_threshold are copied
+        # either way; asking for the copy outright skips pyzmq's memoryview and size test.
         sock = self.socket
+        small = self._copy_below
         try:
             for part in parts[:-1]:
-                _send_frame(sock, part, _MORE_NOBLOCK, copy=False)
-            _send_frame(sock, parts[-1], _NOBLOCK, copy=False)
+                _send_frame(sock, part, _MORE_NOBLOCK, len(part) < small)
+            last = parts[-1]
+            _send_frame(sock, last, _NOBLOCK, len(last) < small)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
