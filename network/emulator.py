@@ -89,8 +89,9 @@ class _Agenda:
         try:
             # Run everything due by the time this timer was armed for (not clock.now():
             # an event loop may fire a timer a hair early).
-            while self.heap and self.heap[0][0] <= target:
-                when, _, _, _, fn = heapq.heappop(self.heap)
+            heap, pop = self.heap, heapq.heappop  # (at() pushes onto this same list)
+            while heap and heap[0][0] <= target:
+                when, _, _, _, fn = pop(heap)
                 fn(when)
         finally:
             self.running = False
