@@ -244,15 +244,21 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
     return out
 
 
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
 def _finite(t: torch.Tensor) -> bool:
-    if not t.is_floating_point():
-        return True
-    if t.dtype in (torch.float32, torch.float64) and t.is_cpu and not t.requires_grad:
+    if t.dtype in _NUMPY_FLOATS:
         # Fast path, numpy being cheaper than torch's dispatch on the small tensors of FL:
         # the sum of squares is NaN or Inf when any entry is (the terms are >= 0, so nothing
         # cancels); only if the squares overflow does the exact test have to decide.
-        flat = t.numpy().reshape(-1)
+        try:
+            flat = t.numpy().reshape(-1)
+        except (RuntimeError, TypeError):  # needs grad, or not on the CPU
+            return bool(torch.isfinite(t).all())
         return math.isfinite(flat.dot(flat)) or bool(np.isfinite(flat).all())
+    if not t.is_floating_point():
+        return True
     return bool(torch.isfinite(t).all())
 
 

@@ -22,6 +22,7 @@ import functools
 import math
 import operator
 import struct
+import threading
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -107,9 +108,13 @@ def zmtp_overhead(frame_len: int) -> int:
 
 
 def wire_size(frames: Sequence[bytes | memoryview]) -> int:
-    """Bytes a message occupies on a ZMTP stream (frames + per-frame framing)."""
-    lengths = list(map(len, frames))
-    return sum(lengths) + sum(map(zmtp_overhead, lengths))
+    """Bytes a message occupies on a ZMTP stream (frames + per-frame framing,
+    :func:`zmtp_overhead` written out: this runs twice per message)."""
+    total = 0
+    for frame in frames:
+        n = len(frame)
+        total += n + 2 if n <= 255 else n + 9
+    return total
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
@@ -160,11 +165,11 @@ def encode(msg: Message, tensors: EncodedTensors | None = None) -> list[bytes]:
     p = msg.payload
     if tensors is None:
         tensors = encode_tensors(p)
-    envelope = msgpack.packb({
+    envelope = _pack({
         "v": WIRE_VERSION, "id": msg.msg_id, "src": msg.src, "dst": msg.dst, "r": msg.round,
         "k": msg.kind, "ver": msg.version, "t": float(msg.sent_at), "bits": int(p.payload_bits),
         "meta": p.meta, "tn": tensors.specs,
-    }, use_bin_type=True)
+    })
     return [_CRC.pack(checksum(envelope, tensors.crc)) + envelope, *tensors.frames]
 
 
@@ -236,6 +241,10 @@ class DecodeCache:
     CRC and tensors are taken from here: comparing costs a fraction of the CRC pass and of
     making the tensors again. The tensors are shared between the messages, which is safe
     because received tensors are read-only (they view immutable frames).
+
+    The validated declaration is kept apart from the frames: messages that declare the same
+    tensors with other bytes (the replies of many clients) skip validating it again, and
+    replace only the frames.
     """
 
     def __init__(self) -> None:
@@ -245,6 +254,8 @@ class DecodeCache:
         """The same, msgpack-encoded: msgpack tells 4 from 4.0 and True, ``==`` does not."""
         self.specs: list | None = None
         """The same, validated (see ``_tensor_specs``)."""
+        self.lengths: tuple[int, ...] = ()
+        """Bytes of each tensor frame the declaration implies."""
         self.frames: list = []
         self.crc = 0
         self.tensors: dict[str, torch.Tensor] = {}
@@ -253,7 +264,7 @@ class DecodeCache:
         """The validated specs of ``declared`` when it is the last stored declaration, value
         and type alike (``[4.0]`` or ``[True, 4]`` equal ``[4]`` and ``[1, 4]`` under ``==``,
         but a fresh decoder refuses them)."""
-        if declared != self.declared or _packb(declared) != self.declared_packed:
+        if declared != self.declared or _pack(declared) != self.declared_packed:
             return None
         return self.specs
 
@@ -272,11 +283,29 @@ class DecodeCache:
 
     def store(self, declared: list, specs: list, frames: Sequence[bytes | memoryview], crc: int,
               tensors: dict[str, torch.Tensor]) -> None:
-        self.declared, self.specs, self.frames, self.crc, self.tensors = declared, specs, list(frames), crc, tensors
-        self.declared_packed = _packb(declared)
+        """A new declaration and its frames."""
+        self.declared, self.specs = declared, specs
+        self.declared_packed = _pack(declared)
+        self.lengths = tuple(spec[3] for spec in specs)
+        self.store_frames(frames, crc, tensors)
+
+    def store_frames(self, frames: Sequence[bytes | memoryview], crc: int, tensors: dict[str, torch.Tensor]) -> None:
+        """New frames under the stored declaration."""
+        self.frames, self.crc, self.tensors = list(frames), crc, tensors
 
 
-_packb = functools.partial(msgpack.packb, use_bin_type=True)
+_packers = threading.local()
+
+
+def _pack(obj: Any) -> bytes:
+    """``msgpack.packb(obj, use_bin_type=True)`` with a Packer kept per thread: ``packb``
+    builds a Packer per call, about a third of the cost of packing an envelope. (A Packer
+    resets its buffer when packing fails, so a bad value leaves it clean.)"""
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    return packer.pack(obj)
 
 
 def _same_memory(a: bytes | memoryview, b: bytes | memoryview) -> bool:
@@ -303,31 +332,42 @@ def _make_tensors(specs: list[tuple[str, str, tuple[int, ...], int]],
         if nbytes == 0:
             tensors[name] = torch.empty(shape, dtype=_DTYPES[dtype_name])
         elif dtype_name == "bfloat16":
-            tensors[name] = torch.from_numpy(np.frombuffer(frame, dtype=np.int16).reshape(shape)).view(torch.bfloat16)
+            tensors[name] = torch.from_numpy(np.ndarray(shape, _NP_INT16, frame)).view(torch.bfloat16)
         else:
-            tensors[name] = torch.from_numpy(np.frombuffer(frame, dtype=_NUMPY[dtype_name]).reshape(shape))
+            # the frame's length was checked against the shape: an ndarray over it is exact
+            tensors[name] = torch.from_numpy(np.ndarray(shape, _NP_DTYPES[dtype_name], frame))
     return tensors
+
+
+_NP_DTYPES = {k: np.dtype(v) for k, v in _NUMPY.items()}
+_NP_INT16 = np.dtype(np.int16)
 
 
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head: dict[str, Any] | None = None,
            wire_bytes: int | None = None, cache: DecodeCache | None = None) -> Message:
     """Frames -> Message, validating everything. Tensors view the frames' memory (no copy).
     ``head`` and ``wire_bytes`` may be passed when the caller already computed them; a
-    ``cache`` lets repeated tensor frames (a broadcast's) skip the CRC pass and decoding."""
+    ``cache`` lets repeated tensor frames (a broadcast's) skip the CRC pass and decoding,
+    and repeated declarations (the replies of many clients) skip their validation."""
     if not frames:
         raise CodecError("empty", "no frames")
     if head is None:
         head = peek_route(frames[0], limits)
-    specs = cache.specs_of(head["tn"]) if cache is not None else None
+    declared = head["tn"]
+    specs = cache.specs_of(declared) if cache is not None else None
     declared_as_cached = specs is not None
-    if specs is None:
-        specs = _tensor_specs(head, limits)
     tensor_frames = frames[1:]
+    if declared_as_cached:
+        lengths = cache.lengths
+    else:
+        specs = _tensor_specs(head, limits)
+        lengths = tuple(spec[3] for spec in specs)
     if len(tensor_frames) != len(specs):
         raise CodecError("frame_count", f"{len(tensor_frames)} tensor frames for {len(specs)} declared tensors")
-    for (name, _, shape, nbytes), frame in zip(specs, tensor_frames):
-        if len(frame) != nbytes:
-            raise CodecError("shape_mismatch", f"tensor {name!r} of shape {list(shape)} needs {nbytes} bytes, frame has {len(frame)}")
+    if tuple(map(len, tensor_frames)) != lengths:
+        for (name, _, shape, nbytes), frame in zip(specs, tensor_frames):
+            if len(frame) != nbytes:
+                raise CodecError("shape_mismatch", f"tensor {name!r} of shape {list(shape)} needs {nbytes} bytes, frame has {len(frame)}")
     known = cache.lookup(tensor_frames) if declared_as_cached else None
     if known is None:
         tensors_crc = 0
@@ -340,7 +380,10 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = Limits(), head
     if known is None:
         tensors = _make_tensors(specs, tensor_frames)
         if cache is not None:
-            cache.store(head["tn"], specs, tensor_frames, tensors_crc, tensors)
+            if declared_as_cached:
+                cache.store_frames(tensor_frames, tensors_crc, tensors)
+            else:
+                cache.store(declared, specs, tensor_frames, tensors_crc, tensors)
     else:
         tensors = known[1]
     payload = Payload(tensors=dict(tensors), meta=head["meta"], payload_bits=head["bits"], version=head["ver"])

@@ -186,7 +186,10 @@ class Node:
         self.rounds_sent: set[int] = set()
         """Client side: rounds in which this node's clients sent a reply."""
         self._next_id = 0
-        self._seen: dict[tuple, _RecentIds] = collections.defaultdict(_RecentIds)
+        self._seen: dict[tuple, "int | _RecentIds"] = {}
+        """Per (sender's session, sender): the one message id seen so far, or the last ids
+        (``_RecentIds``) once there are two: 100,000 clients sending one reply each cost an
+        int apiece, not a set and a deque."""
         self._corrupt_rng = np.random.default_rng([seed, 0xC0])
         self._decode_cache = codec.DecodeCache()
         self.tap: Callable[[str, int, list], None] | None = None
@@ -244,12 +247,10 @@ class Node:
             self.transport.send(frames)
         return nbytes
 
-    def _maybe_corrupt(self, frames: list[bytes], corrupt: bool) -> list[bytes]:
-        return codec.corrupt(frames, self._corrupt_rng) if corrupt else frames
-
     def _on_wire(self, direction: str, client: int, frames: list, corrupt: bool) -> list:
         """The frames as the link delivers them; the tap, if any, gets a look at them."""
-        frames = self._maybe_corrupt(frames, corrupt)
+        if corrupt:
+            frames = codec.corrupt(frames, self._corrupt_rng)
         if self.tap is not None:
             self.tap(direction, client, frames)
         return frames
@@ -315,7 +316,7 @@ class Node:
         for c in s.clients:
             if self.routes.get(c) == peer:
                 del self.routes[c]
-        self._seen = collections.defaultdict(_RecentIds, {k: v for k, v in self._seen.items() if k[0] != peer})
+        self._seen = {k: v for k, v in self._seen.items() if k[0] != peer}
         return s.clients
 
     # --- receiving ---------------------------------------------------------------
@@ -419,7 +420,7 @@ class Node:
         else:
             self.last_heard = self._now()
             key = (self.welcome["server_session"] if self.welcome else "", msg.src)
-        if not self._seen[key].add(msg.msg_id):
+        if not self._first_time(key, msg.msg_id):
             self.stats.count("duplicate")
             if self._server:
                 self._inbound["duplicate"] += 1
@@ -427,6 +428,21 @@ class Node:
             return
         self.log("deliver", src=msg.src, dst=msg.dst, kind=msg.kind, round=msg.round)
         actor.deliver(msg)
+
+    def _first_time(self, key: tuple, msg_id: int) -> bool:
+        """False when ``msg_id`` is among the last ids seen from ``key`` (a duplicate)."""
+        seen = self._seen
+        known = seen.get(key)
+        if known is None:
+            seen[key] = msg_id
+            return True
+        if type(known) is int:
+            if known == msg_id:
+                return False
+            first, known = known, _RecentIds()
+            known.add(first)
+            seen[key] = known
+        return known.add(msg_id)
 
     # --- control (server side) -----------------------------------------------------
     def _on_control(self, peer: bytes, frames: list, head: dict) -> None:

@@ -20,6 +20,7 @@ clock's reading when the Emulator is built.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import math
 from collections import deque
@@ -88,15 +89,16 @@ class _Agenda:
         try:
             # Run everything due by the time this timer was armed for (not clock.now():
             # an event loop may fire a timer a hair early).
-            while self.heap and self.heap[0][0] <= target:
-                when, _, _, _, fn = heapq.heappop(self.heap)
+            heap, pop = self.heap, heapq.heappop  # (at() pushes onto this same list)
+            while heap and heap[0][0] <= target:
+                when, _, _, _, fn = pop(heap)
                 fn(when)
         finally:
             self.running = False
             self._arm()
 
 
-@dataclass
+@dataclass(slots=True)
 class _Transfer:
     tid: int
     direction: str
@@ -196,6 +198,8 @@ class Emulator:
         self._wakes: dict[float, list[_Conn]] = {}
         self._opening: list[_Transfer] = []
         self._seg_bits = 8.0 * (config.tcp.mss + config.tcp.header)
+        self._tcp = config.transport == "tcp"
+        self._tcp_header, self._tcp_mss = config.tcp.header, config.tcp.mss
         self.max_held_bytes = max_held_bytes
         self.queue_s = queue_s
         self._held: dict[int, int] = {}
@@ -227,7 +231,8 @@ class Emulator:
 
     # ------------------------------------------------------------------ time
     def _now(self) -> float:
-        return max(float(self.clock.now()), self._floor)
+        t, floor = float(self.clock.now()), self._floor
+        return floor if floor > t else t  # max(t, floor)
 
     def _sim(self, t: float) -> float:
         return t - self.t0
@@ -443,7 +448,7 @@ class Emulator:
             self._sync(now)
         self._tid += 1
         tid = self._tid
-        reason = self._down_reason(client)
+        reason = self._down_reason(client) if self._crashed or self._partitioned or self._offline else None
         if reason is not None:
             self.log("drop", direction=direction, client=client, nbytes=int(nbytes), reason=reason, tid=tid)
             if on_drop is not None:
@@ -490,8 +495,11 @@ class Emulator:
             delays = (max(0.0, link.latency + float(jit[0])), max(0.0, link.latency + float(jit[1])))
         tr = _Transfer(tid, direction, client, int(nbytes), deliver, lost, dup, cor, delays, on_drop=on_drop)
         self._transfers[tid] = tr
-        self._by_client.setdefault(client, set()).add(tid)
-        if self.config.transport == "tcp":
+        mine = self._by_client.get(client)
+        if mine is None:
+            mine = self._by_client[client] = set()
+        mine.add(tid)
+        if self._tcp:
             tr.bits = 8.0 * self.wire_bytes(nbytes)
             conn = tr.conn = self._conns.get((direction, client)) or self._new_conn(direction, client)
             conn.queue.append(tr)
@@ -549,10 +557,10 @@ class Emulator:
         """Bytes a message of ``nbytes`` application bytes puts on the wire: under TCP one
         ``network.tcp`` header (52 B: IPv4, TCP, timestamps) per segment of ``mss`` payload
         bytes, at least one segment. Logged and reported sizes stay ``nbytes``."""
-        if self.config.transport != "tcp":
-            return int(nbytes)
-        tcp = self.config.tcp
-        return int(nbytes) + tcp.header * packets(nbytes, tcp.mss)
+        nbytes = int(nbytes)
+        if not self._tcp:
+            return nbytes
+        return nbytes + self._tcp_header * packets(nbytes, self._tcp_mss)
 
     def _new_conn(self, direction: str, client: int) -> _Conn:
         tcp = self.config.tcp
@@ -665,7 +673,9 @@ class Emulator:
                 q = conn.window.timeout_probability()
                 done += rtt + q * max(0.0, self._rto(tr.client) - rtt)
         del self._transfers[tid]
-        self._by_client.get(tr.client, set()).discard(tid)
+        mine = self._by_client.get(tr.client)
+        if mine is not None:
+            mine.discard(tid)
         self._deliver(tr, done)
         if conn is not None:
             self._pump(conn, tc)
@@ -683,14 +693,13 @@ class Emulator:
         key = (tr.direction, tr.client)
         for i in range(copies):
             when = tc + tr.delays[i]
-            if self.config.transport == "tcp":
+            if self._tcp:
                 # One ordered byte stream per link: a message never overtakes an earlier one.
                 when = max(when, self._last_delivery.get(key, -math.inf))
                 self._last_delivery[key] = when
-            corrupt = tr.corrupt[i]
-            self._agenda.at(when, _DELIVER, tid, lambda t, tr=tr, corrupt=corrupt: self._deliver_copy(tr, corrupt))
+            self._agenda.at(when, _DELIVER, tid, functools.partial(self._deliver_copy, tr, tr.corrupt[i]))
 
-    def _deliver_copy(self, tr: _Transfer, corrupt: bool) -> None:
+    def _deliver_copy(self, tr: _Transfer, corrupt: bool, t: float = 0.0) -> None:
         tr.copies_left -= 1
         if tr.copies_left == 0:
             self._release(tr, None)

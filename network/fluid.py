@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import operator
 from dataclasses import dataclass
 from typing import Hashable, Iterable
 
@@ -22,7 +23,7 @@ Resource = Hashable
 FlowId = Hashable
 
 
-@dataclass
+@dataclass(slots=True)
 class Flow:
     """One flow. ``remaining`` and ``total`` in bits, ``rate`` and ``cap`` in bits/s."""
 
@@ -312,6 +313,9 @@ class _SharedLink:
         return out
 
 
+_ORDER = operator.attrgetter("order")
+
+
 class FluidNetwork:
     """Active flows sharing capacities; time moves only through :meth:`advance`.
 
@@ -381,8 +385,12 @@ class FluidNetwork:
         bits = float(bits)
         f = Flow(fid, bits, bits, tuple(resources), float(cap), 0.0, self.now, 0, self._order)
         self.flows[fid] = f
+        all_users = self._users
         for r in f.resources:
-            self._users.setdefault(r, {})[fid] = f
+            users = all_users.get(r)
+            if users is None:
+                users = all_users[r] = {}
+            users[fid] = f
         if not self._join_group(f):
             self._dirty_flows[fid] = f
 
@@ -431,14 +439,16 @@ class FluidNetwork:
     def _detach(self, f: Flow) -> None:
         f.version += 1
         self._dirty_flows.pop(f.fid, None)
+        all_users, capacity = self._users, self.capacity
         for r in f.resources:
-            users = self._users.get(r)
+            users = all_users.get(r)
             if users is not None:
                 users.pop(f.fid, None)
                 if not users:
-                    del self._users[r]
+                    del all_users[r]
+                    continue  # nobody left on it: no rate depends on it
             # An unlimited link couples nobody, and a fast-path link re-levels itself.
-            if self._finite(r) and r not in self._groups:
+            if math.isfinite(capacity.get(r, math.inf)) and r not in self._groups:
                 self._dirty_res.add(r)
 
     def _settle(self, f: Flow) -> None:
@@ -510,7 +520,7 @@ class FluidNetwork:
             return comp
         taken: set[FlowId] = set()
         for r in sorted(shared, key=lambda r: min(f.order for f in self._users[r].values())):
-            users = sorted(self._users[r].values(), key=lambda f: f.order)
+            users = sorted(self._users[r].values(), key=_ORDER)
             if len(users) < self.shared_min:
                 continue
             if any(q != r and q in shared for f in users for q in f.resources):
@@ -550,7 +560,7 @@ class FluidNetwork:
                         stack.append(g)
         self._dirty_flows.clear()
         self._dirty_res.clear()
-        return sorted(seen.values(), key=lambda f: f.order)
+        return sorted(seen.values(), key=_ORDER)
 
     def _rates(self) -> None:
         if not self._dirty_flows and not self._dirty_res:
@@ -563,12 +573,23 @@ class FluidNetwork:
         # A flow crossing no shared link is alone: its rate is its tightest constraint
         # (the common case with an unlimited server), no water-filling needed.
         cap = self.capacity
-        rates = {f.fid: min([f.cap] + [cap.get(r, math.inf) for r in f.resources])
-                 for f in comp if not shared.intersection(f.resources)}
-        if len(rates) < len(comp):
-            rates.update(max_min_rates([f for f in comp if f.fid not in rates], cap))
+        inf = math.inf
+        rates = None
+        if shared:
+            rates = {f.fid: min([f.cap] + [cap.get(r, inf) for r in f.resources])
+                     for f in comp if not shared.intersection(f.resources)}
+            if len(rates) < len(comp):
+                rates.update(max_min_rates([f for f in comp if f.fid not in rates], cap))
         for f in comp:
-            new = rates[f.fid]
+            if rates is None:
+                # the same tightest constraint as above, left to right like min()
+                new = f.cap
+                for r in f.resources:
+                    c = cap.get(r, inf)
+                    if c < new:
+                        new = c
+            else:
+                new = rates[f.fid]
             if new != f.rate or f.fresh:
                 self._settle(f)
                 f.rate = new
@@ -638,7 +659,7 @@ class FluidNetwork:
                 batch.append(self.flows[head[3]])
             for g in list(self._groups.values()):
                 batch.extend(g.pop_done(tc, tol))
-            for f in sorted(batch, key=lambda f: f.order):
+            for f in sorted(batch, key=_ORDER):
                 del self.flows[f.fid]
                 f.remaining, f.since = 0.0, tc
                 self._detach(f)

@@ -158,6 +158,7 @@ class Transport:
         else:
             sock.connect(address)
         self.socket = sock
+        self._copy_below = sock.copy_threshold
         self.curve_server = router and curve is not None
         self._user_ids: dict[bytes, str] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -227,12 +228,15 @@ class Transport:
 
     def _try_send(self, parts: list) -> bool:
         # ZeroMQ accepts or refuses a multipart message at its first frame, so EAGAIN can only
-        # come before anything was queued. Frames under pyzmq's copy_threshold are copied.
+        # come before anything was queued. Frames under pyzmq's copy_threshold are copied
+        # either way; asking for the copy outright skips pyzmq's memoryview and size test.
         sock = self.socket
+        small = self._copy_below
         try:
             for part in parts[:-1]:
-                _send_frame(sock, part, _MORE_NOBLOCK, copy=False)
-            _send_frame(sock, parts[-1], _NOBLOCK, copy=False)
+                _send_frame(sock, part, _MORE_NOBLOCK, len(part) < small)
+            last = parts[-1]
+            _send_frame(sock, last, _NOBLOCK, len(last) < small)
         except zmq.Again:
             return False
         except zmq.ZMQError as exc:
@@ -327,6 +331,8 @@ class Transport:
         banned_before = self.discarded[BANNED]
         cost = 0  # a banned peer's message (read, dropped: ~8 us) costs 1, any other 4
         max_cost = 4 * max_n
+        banned_keys = self.banned_keys  # the same dict: bans are added and lifted in place
+        view_from = ZERO_COPY_BYTES
         while not sock.closed:
             if cost >= max_cost or nbytes >= max_bytes:
                 more_waiting = True
@@ -355,7 +361,7 @@ class Transport:
             self.received += 1
             self.received_bytes += total
             peer = first.bytes if router else b""
-            if (guard is not None and guard.banned or self.banned_keys) and self._is_banned(peer, first):
+            if (guard is not None and guard.banned or banned_keys) and self._is_banned(peer, first):
                 # counted here only (no callback per message): a banned flood costs a few
                 # microseconds a message; the node takes the count at the end of the run
                 self.discarded[BANNED] += 1
@@ -369,9 +375,8 @@ class Transport:
             if self.curve_server and peer not in self._user_ids:
                 self._remember_user(peer, first)
             if router:
-                on_message(peer, [f.buffer.toreadonly() if len(f) >= ZERO_COPY_BYTES else f.bytes for f in frames[1:]])
-            else:
-                on_message(b"", [f.buffer.toreadonly() if len(f) >= ZERO_COPY_BYTES else f.bytes for f in frames])
+                del frames[0]
+            on_message(peer, [f.buffer.toreadonly() if len(f) >= view_from else f.bytes for f in frames])
             self._current = None
         if more_waiting and self.loop is not None:
             if 2 * (self.discarded[BANNED] - banned_before) > n and self.ban_pause_s > 0:
