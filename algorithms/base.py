@@ -52,12 +52,16 @@ class Payload:
                    (what its paper counts); the runtime also measures the real wire bytes.
     version:       the state version this payload was computed against. ``None`` in a
                    client reply means "the version of the request it answers".
+    handed_over:   the sender never changes these tensors after sending (they are made for
+                   this message, as FedAvg's deltas): the codec may then put a large tensor's
+                   own memory on the wire instead of a copy (``fedsim.codec``).
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     payload_bits: int = 0
     version: int | None = None
+    handed_over: bool = False
 
     @property
     def tensor_bytes(self) -> int:

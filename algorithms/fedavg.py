@@ -97,7 +97,8 @@ class FedAvg(Algorithm):
         ctx.charge(seen)
         torch._foreach_sub_(list(trained.values()), [payload.tensors[k] for k in trained])  # in place: trained is ours
         delta = trained
-        return Payload(tensors=delta, meta={"samples": ctx.x.shape[0]}, payload_bits=dense_bits(delta))
+        return Payload(tensors=delta, meta={"samples": ctx.x.shape[0]}, payload_bits=dense_bits(delta),
+                       handed_over=True)  # made for this reply, never written again
 
     def check_reply(self, kind: str, payload: Payload) -> None:
         check_like(payload, self.params, "fedavg delta")

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from algorithms.base import Payload
+from network.transport import ZERO_COPY_BYTES
 
 WIRE_VERSION = 1
 SERVER = -1
@@ -133,24 +134,45 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
+def _tensor_memory(t: torch.Tensor) -> memoryview | None:
+    """A read-only byte view of a contiguous CPU tensor's own memory (None: a copy is needed)."""
+    if not t.is_contiguous() or t.requires_grad or not t.is_cpu or t.dtype == torch.bfloat16:
+        return None
+    try:
+        return memoryview(t.numpy().reshape(-1).view(np.uint8)).toreadonly()
+    except (RuntimeError, TypeError):
+        return None
+
+
+HANDED_OVER_BYTES = ZERO_COPY_BYTES
+"""A handed-over tensor (``Payload.handed_over``) of at least this many bytes travels as a view
+of its own memory: its copy into a frame (~70 us for 636 KB here) buys nothing when the sender
+never writes to it again. Smaller ones are copied: bytes are cheaper to hold and compare."""
+
+
 @dataclass(frozen=True)
 class EncodedTensors:
     """A payload's tensor frames, encoded once and shareable by many envelopes (a broadcast)."""
 
     specs: list
-    frames: list[bytes]
+    frames: list[bytes | memoryview]
     crc: int
 
 
 def encode_tensors(payload: Payload) -> EncodedTensors:
     specs, frames = [], []
     crc = 0
+    handed_over = payload.handed_over
     for name, t in payload.tensors.items():
         dtype_name = _NAMES.get(t.dtype)
         if dtype_name is None:
             raise CodecError("dtype", f"tensor {name!r} has unsupported dtype {t.dtype}")
         specs.append([name, dtype_name, list(t.shape)])
-        frame = _tensor_bytes(t)
+        frame = None
+        if handed_over and t.numel() * t.element_size() >= HANDED_OVER_BYTES:
+            frame = _tensor_memory(t)
+        if frame is None:
+            frame = _tensor_bytes(t)
         frames.append(frame)
         crc = checksum(frame, crc)
     return EncodedTensors(specs, frames, crc)

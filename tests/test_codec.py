@@ -185,3 +185,31 @@ def test_oversized_header_rejected():
     with pytest.raises(CodecError) as e:
         codec.peek_route(b"\0" * 100, Limits(max_header_bytes=50))
     assert e.value.reason == "oversized_header"
+
+
+def test_a_handed_over_large_tensor_travels_as_its_own_memory_and_decodes_the_same():
+    """``Payload.handed_over``: a large tensor's frame is a view of the tensor itself (no
+    copy), a small one and any tensor of a payload not handed over are copied; either way
+    the frames decode to the same tensors, with the same CRC, and a flipped bit is caught."""
+    import numpy as np
+
+    from fedsim.codec import HANDED_OVER_BYTES, CodecError, decode, encode
+    big = torch.arange(HANDED_OVER_BYTES // 4 + 7, dtype=torch.float32)
+    small = torch.ones(3)
+    tensors = {"big": big, "small": small}
+    frames = {}
+    for handed_over in (True, False):
+        msg = Message(src=3, dst=-1, round=1, kind="model", version=1,
+                      payload=Payload(tensors=dict(tensors), payload_bits=32, handed_over=handed_over))
+        frames[handed_over] = encode(msg)
+        got = decode(frames[handed_over])
+        assert torch.equal(got.payload.tensors["big"], big) and torch.equal(got.payload.tensors["small"], small)
+    view, copy = frames[True][1], frames[False][1]
+    assert isinstance(view, memoryview) and view.readonly
+    assert np.frombuffer(view, dtype=np.uint8).ctypes.data == big.data_ptr()  # the tensor's own memory
+    assert isinstance(copy, bytes) and isinstance(frames[True][2], bytes)
+    assert frames[True][0] == frames[False][0]  # the same envelope and CRC
+    flipped = bytearray(view)
+    flipped[5] ^= 0x10
+    with pytest.raises(CodecError):
+        decode([frames[True][0], bytes(flipped), frames[True][2]])
