@@ -24,7 +24,7 @@ import operator
 import struct
 import threading
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import crc32c
