@@ -426,13 +426,14 @@ class FedLoRU(Algorithm):
         personal = self._personal(ctx, generator)
         steps = {"loss": cfg.loss, "lr": cfg.lr, "steps": cfg.local_steps, "batch_size": cfg.batch_size}
         # the global modules, the personal ones fixed (held with the base: what the steps do not train)
-        trained, seen = yield LocalSteps(ctx.model, self._compose_global, {**base, **personal}, start, ctx.x, ctx.y,
-                                         generator, None, {**steps, **self._step_rule("B", "A")})
+        trained, seen = yield LocalSteps(ctx.model, self._compose_global, base, start, ctx.x, ctx.y, generator,
+                                         None, {**steps, **self._step_rule("B", "A")}, private=personal)
         if personal:
             # then the personal modules, the global ones fixed at their trained values
-            fixed = {**base, **{f"trained:{key}": v for key, v in trained.items()}}
-            personal_trained, more = yield LocalSteps(ctx.model, self._compose_personal, fixed, personal, ctx.x,
-                                                      ctx.y, generator, None, {**steps, **self._step_rule("Bp", "Ap")})
+            trained_global = {f"trained:{key}": v for key, v in trained.items()}
+            personal_trained, more = yield LocalSteps(ctx.model, self._compose_personal, base, personal, ctx.x, ctx.y,
+                                                      generator, None, {**steps, **self._step_rule("Bp", "Ap")},
+                                                      private=trained_global)
             ctx.state["personal"] = personal_trained
             seen += more
         ctx.charge(seen)

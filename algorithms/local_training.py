@@ -10,8 +10,9 @@ drift apart.
 
 ``many_trainings`` groups the requests of an instant that may run as one stack: the same
 model and ``build``, equal ``shared`` tensors (every client of a round holds the same basis
-or base; compared by value, each client holding its own copy), equal options, leaves of the
-same shapes and as many samples. A group trains its leaves stacked along a first dimension
+or base; compared by value, each client holding its own copy), equal options, leaves and
+``private`` tensors (each client's own, stacked like its leaves) of the same shapes and as
+many samples. A group trains its leaves stacked along a first dimension
 of clients: ``build`` composes every client's weights at once (its products broadcast over
 that dimension), the dense model's forward and backward run as batched products
 (:func:`algorithms.fastpath._stacked_step`, a small dense MLP only), and autograd carries the
@@ -57,10 +58,14 @@ class LocalSteps:
     generator: torch.Generator
     correction: Mapping[str, torch.Tensor] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    private: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """Tensors the composition reads but the steps do not train, this client's own (FedLoRU's
+    personal modules): ``build`` sees them beside ``shared``; stacked, one per client."""
 
     def run(self) -> tuple[dict[str, torch.Tensor], int]:
         """This client's steps alone."""
-        return local_steps(self.model, partial(self.build, self.shared), self.leaves, self.x, self.y,
+        fixed = {**self.shared, **self.private} if self.private else self.shared
+        return local_steps(self.model, partial(self.build, fixed), self.leaves, self.x, self.y,
                            generator=self.generator, correction=self.correction, **self.options)
 
 
@@ -136,7 +141,7 @@ def _compatible(a: LocalSteps, b: LocalSteps) -> bool:
     return (a.model is b.model and a.build == b.build and a.options == b.options
             and a.x.shape[0] == b.x.shape[0] and a.x.shape[1:] == b.x.shape[1:]
             and _same_shapes(a.leaves, b.leaves) and _same_shapes(a.correction, b.correction)
-            and _same_shapes(a.shared, b.shared)
+            and _same_shapes(a.private, b.private) and _same_shapes(a.shared, b.shared)
             and all(torch.equal(a.shared[k], b.shared[k]) for k in a.shared))
 
 
@@ -146,7 +151,7 @@ def _stacked_or_alone(requests: list[LocalSteps]) -> list[tuple[dict[str, torch.
     if len(requests) == 1 or not isinstance(plan, fastpath.DensePlan) or first.x.shape[0] == 0:
         return [r.run() for r in requests]
     with torch.no_grad():
-        weights = first.build(first.shared, first.leaves)
+        weights = first.build({**first.shared, **first.private}, first.leaves)
     if set(weights) != set(fastpath.names(plan)):
         return [r.run() for r in requests]
     chunk = fastpath.stack_chunk(plan, weights)
@@ -166,6 +171,7 @@ def _stacked(plan: fastpath.DensePlan, requests: list[LocalSteps]) -> list[tuple
     x = torch.stack([r.x.reshape(n, -1) for r in requests])
     y = torch.stack([r.y for r in requests])
     current = {k: torch.stack([r.leaves[k].detach() for r in requests]) for k in first.leaves}
+    fixed = {**first.shared, **{k: torch.stack([r.private[k] for r in requests]) for k in first.private}}
     correction = (None if first.correction is None
                   else {k: torch.stack([r.correction[k] for r in requests]) for k in first.correction})
     offsets = (torch.arange(b) * n).unsqueeze(1)
@@ -179,7 +185,7 @@ def _stacked(plan: fastpath.DensePlan, requests: list[LocalSteps]) -> list[tuple
             rows = (torch.stack(drawn) + offsets).reshape(-1)
             xb = x.reshape(b * n, -1).index_select(0, rows).view(b, -1, x.shape[2])
             yb = y.reshape(b * n).index_select(0, rows).view(b, -1)
-        grads = _stacked_grads(plan, first.build, first.shared, current, xb, yb)
+        grads = _stacked_grads(plan, first.build, fixed, current, xb, yb)
         descend(current, grads, buffers, lr=lr, correction=correction, stacked=True,
                 precondition=options.get("precondition"), momentum=options.get("momentum", 0.0),
                 weight_decay=options.get("weight_decay", 0.0), max_grad_norm=options.get("max_grad_norm", 0.0))

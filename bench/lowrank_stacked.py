@@ -33,6 +33,8 @@ from fedsim.runner import run
 from fedsim.scenario import load_scenario
 
 WORKLOADS = [(100, "[64]"), (10, "[64,512,512]")]
+METHODS = [("fedlrt", []), ("fedloru", []), ("fedloru personal_rank=4", ["algorithm.personal_rank=4"])]
+"""(label, scenario overrides): FedLoRU also with personal modules (pFedLoRU), each client's own."""
 
 
 def _max_diff(a, b) -> float:
@@ -54,11 +56,11 @@ def main() -> None:
     for col in ("method", "clients", "model", "one at a time (s)", "stacked (s)", "stacked / one at a time",
                 "max |param diff|", "final accuracy (stacked / alone)"):
         table.add_column(col)
-    for method in ("fedlrt", "fedloru"):
+    for method, extra in METHODS:
         for clients, hidden in WORKLOADS:
             base = ["data.dataset=digits", f"data.clients={clients}", "data.partition=iid", "model.kind=mlp",
-                    f"model.hidden={hidden}", f"algorithm.name={method}", f"run.rounds={args.rounds}",
-                    f"algorithm.local_steps={args.steps}"]
+                    f"model.hidden={hidden}", f"algorithm.name={method.split()[0]}", f"run.rounds={args.rounds}",
+                    f"algorithm.local_steps={args.steps}", *extra]
             times: dict[str, list[float]] = {"false": [], "true": []}
             results = {}
             for _ in range(args.repeats):
