@@ -223,23 +223,32 @@ def test_clients_of_an_instant_computed_together_change_nothing_observable(extra
     assert again.summary["model_sha256"] == together.summary["model_sha256"]
 
 
+def _stacked_run_matches_alone(scenario: list[str], monkeypatch, module, name: str) -> list[int]:
+    """Run ``scenario`` with the clients of an instant computed together, counting the group
+    sizes that reach ``module.name`` (its first argument after the plan), then one at a time:
+    the same messages, bytes, times and events, the same model to float tolerance. Returns
+    the group sizes seen."""
+    stacked: list[int] = []
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda plan, group, *a, **k: (stacked.append(len(group)),
+                                                                    original(plan, group, *a, **k))[1])
+    together = run(load_scenario(None, scenario + ["run.batch_clients=true"]))
+    monkeypatch.undo()
+    alone = run(load_scenario(None, scenario + ["run.batch_clients=false"]))
+    assert _observable(together) == _observable(alone)
+    _close(together.final_params, alone.final_params, tol=1e-4)
+    return stacked
+
+
 @pytest.mark.parametrize("method", ["sgd", "laq", "slaq", "qrr", "powersgd", "lqsgd", "topk"])
 def test_gradient_steps_of_an_instant_stacked_change_nothing_observable(method, monkeypatch):
     """The compressing methods' gradient step (``common.many_gradients``), done for the
     clients of an instant together: the same messages, bytes, times and events as one at a
     time, the same model to float tolerance, and the stacked path really ran."""
-    stacked = []
-    grads_stacked = fastpath.grads_stacked
-    monkeypatch.setattr(fastpath, "grads_stacked", lambda plan, starts, *a: (stacked.append(len(starts)),
-                                                                             grads_stacked(plan, starts, *a))[1])
     scenario = ["data.clients=12", "data.dataset=digits", "data.partition=iid", "model.kind=mlp", "model.hidden=[16]",
                 f"algorithm.name={method}", "run.rounds=4"]
-    together = run(load_scenario(None, scenario + ["run.batch_clients=true"]))
-    monkeypatch.undo()
-    alone = run(load_scenario(None, scenario + ["run.batch_clients=false"]))
+    stacked = _stacked_run_matches_alone(scenario, monkeypatch, fastpath, "grads_stacked")
     assert stacked and max(stacked) > 1
-    assert _observable(together) == _observable(alone)
-    _close(together.final_params, alone.final_params, tol=1e-4)
 
 
 def test_batch_clients_must_be_a_bool():
@@ -290,21 +299,13 @@ def test_low_rank_local_steps_of_an_instant_stacked_change_nothing_observable(ex
     the same model to float tolerance, and the stacked path really ran (FedLoRU's personal
     modules, each client's own, stacked beside its trained modules)."""
     from algorithms import local_training
-    stacked = []
-    original = local_training._stacked
-    monkeypatch.setattr(local_training, "_stacked", lambda plan, requests: (stacked.append(len(requests)),
-                                                                             original(plan, requests))[1])
     scenario = ["data.clients=12", "data.dataset=digits", "data.partition=iid", "model.kind=mlp",
                 "model.hidden=[16]", "algorithm.rank=4", "algorithm.local_steps=3", "algorithm.batch_size=8",
                 "algorithm.keep_last_dense=false", "run.rounds=3", *extra]
     if "algorithm.name=fedloru" in extra:
         scenario.append("algorithm.merge_every=2")
-    together = run(load_scenario(None, scenario + ["run.batch_clients=true"]))
-    monkeypatch.undo()
-    alone = run(load_scenario(None, scenario + ["run.batch_clients=false"]))
+    stacked = _stacked_run_matches_alone(scenario, monkeypatch, local_training, "_stacked")
     assert stacked and max(stacked) > 1
-    assert _observable(together) == _observable(alone)
-    _close(together.final_params, alone.final_params, tol=1e-4)
 
 
 def test_stacked_low_rank_steps_match_one_client_at_a_time():
