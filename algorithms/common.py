@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fastpath
+from . import fastpath, shared_start
 from .base import Params, Payload, ProtocolError
 
 T = TypeVar("T")
@@ -114,24 +114,87 @@ def _one_or_stacked(plan: fastpath.Plan | None, starts: list[Params], xs: list[t
 
 
 def local_sgd_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor], ys: list[torch.Tensor],
-                   generators: list[torch.Generator], *, lr: float, epochs: int,
-                   batch_size: int) -> list[tuple[Params, int]]:
-    """:func:`local_sgd` for many clients (``starts[i]`` on ``xs[i], ys[i]``), in order:
-    clients holding as many samples train stacked where the model is small enough
-    (:func:`algorithms.fastpath.sgd_stacked`), the rest one at a time."""
+                   generators: list[torch.Generator], *, lr: float, epochs: int, batch_size: int,
+                   change: bool = False) -> list[tuple[Params, int]]:
+    """:func:`local_sgd` for many clients (``starts[i]`` on ``xs[i], ys[i]``), in order. Clients
+    of a dense model that start from the same weights with as many samples train together with
+    their first layer in kernel form (:mod:`algorithms.shared_start`, where it pays); others
+    holding as many samples train stacked where the model is small enough
+    (:func:`algorithms.fastpath.sgd_stacked`); the rest one at a time. With ``change`` each
+    result is the trained parameters minus ``starts[i]`` (FedAvg's delta)."""
     plan = fastpath.plan(model)
+    out: list = [None] * len(starts)
+    rest = list(range(len(starts)))
+    if isinstance(plan, fastpath.DensePlan):
+        groups, rest = _shared_starts(plan, starts, xs, epochs)
+        for group in groups:
+            start = starts[group[0]]
+            chunk = shared_start.chunk(plan, start, xs[group[0]].shape[0])
+            for c in range(0, len(group), chunk):
+                members = group[c:c + chunk]
+                trained = shared_start.sgd(plan, start, [xs[i] for i in members], [ys[i] for i in members],
+                                           [generators[i] for i in members], epochs=epochs, batch_size=batch_size,
+                                           lr=lr, change=change)
+                for i, p in zip(members, trained):
+                    out[i] = ({k: p[k] for k in starts[i]}, epochs * xs[i].shape[0])
 
-    def one(i: int) -> tuple[Params, int]:
+    def one(j: int) -> tuple[Params, int]:
+        i = rest[j]
         return local_sgd(model, starts[i], xs[i], ys[i], lr=lr, epochs=epochs, batch_size=batch_size,
                          generator=generators[i])
 
     def stacked(group: list[int]) -> list[tuple[Params, int]]:
+        group = [rest[j] for j in group]
         trained = fastpath.sgd_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
                                        [ys[i] for i in group], [generators[i] for i in group],
                                        epochs=epochs, batch_size=batch_size, lr=lr)
         return [({k: p[k] for k in starts[i]}, epochs * xs[i].shape[0]) for i, p in zip(group, trained)]
 
-    return _one_or_stacked(plan, starts, xs, one, stacked)
+    for i, result in zip(rest, _one_or_stacked(plan, [starts[i] for i in rest], [xs[i] for i in rest], one, stacked)):
+        if change:  # in place: the trained tensors are this call's own
+            torch._foreach_sub_(list(result[0].values()), [starts[i][k] for k in result[0]])
+        out[i] = result
+    return out
+
+
+def _shared_starts(plan: fastpath.DensePlan, starts: list[Params], xs: list[torch.Tensor],
+                   epochs: int) -> tuple[list[list[int]], list[int]]:
+    """Groups of clients that start from equal weights (the same tensors, as after one
+    broadcast, or equal values) with as many samples, where the kernel form pays
+    (:func:`algorithms.shared_start.pays`); and every other client."""
+    wanted = fastpath.names(plan)
+    groups: list[list[int]] = []
+    rest: list[int] = []
+    for i, (start, x) in enumerate(zip(starts, xs)):
+        rows = x.shape[0]
+        if set(start) != set(wanted) or rows == 0:
+            rest.append(i)
+            continue
+        for group in groups:
+            first = group[0]
+            if xs[first].shape[0] == rows and _equal_params(starts[first], start):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    kernel = []
+    for group in groups:
+        if shared_start.pays(plan, starts[group[0]], xs[group[0]].shape[0], epochs, len(group)):
+            kernel.append(group)
+        else:
+            rest.extend(group)
+    return kernel, sorted(rest)
+
+
+def _equal_params(a: Params, b: Params) -> bool:
+    for k, u in a.items():
+        v = b[k]
+        if u is v or (u.data_ptr() == v.data_ptr() and u.shape == v.shape and u.stride() == v.stride()
+                      and u.dtype == v.dtype):
+            continue
+        if u.shape != v.shape or u.dtype != v.dtype or not torch.equal(u, v):
+            return False
+    return True
 
 
 def loss_and_grad_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor],

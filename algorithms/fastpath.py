@@ -346,14 +346,21 @@ def sgd_stacked(plan: DensePlan, starts: list[Params], xs: list[torch.Tensor], y
 
 
 def _stacked_step(layers, params: Params, x: torch.Tensor, y: torch.Tensor, lr: float | None,
-                  grads: Params | None = None) -> None:
+                  grads: Params | None = None, first=None) -> None:
     """One SGD step of every client of a stack ([clients, batch, features] inputs), in place;
-    with ``lr = None`` the stacked gradients land in ``grads`` instead."""
+    with ``lr = None`` the stacked gradients land in ``grads`` instead.
+
+    ``first``, when given, stands in for the first layer, whose weights are then not in
+    ``params``: ``first.forward(x)`` gives its output before the ReLU and ``first.update(g)``
+    takes d loss / d that output (:mod:`algorithms.shared_start`)."""
     acts = [x]
     h = x
     last = len(layers) - 1
     for i, (w, b) in enumerate(layers):
-        h = torch.baddbmm(params[b].unsqueeze(1), h, params[w].transpose(1, 2))
+        if i == 0 and first is not None:
+            h = first.forward(x)
+        else:
+            h = torch.baddbmm(params[b].unsqueeze(1), h, params[w].transpose(1, 2))
         if i < last:
             h.clamp_min_(0.0)
         acts.append(h)
@@ -364,6 +371,9 @@ def _stacked_step(layers, params: Params, x: torch.Tensor, y: torch.Tensor, lr: 
     for i in range(len(layers) - 1, -1, -1):
         w, b = layers[i]
         a = acts[i]
+        if i == 0 and first is not None:
+            first.update(g)
+            break
         g_in = torch.bmm(g, params[w]) if i > 0 else None  # with the weights before this step
         if lr is None:
             grads[w] = torch.bmm(g.transpose(1, 2), a)

@@ -79,7 +79,8 @@ class FedAvg(Algorithm):
         cfg = self.config
         trained, seen = local_sgd(ctx.model, payload.tensors, ctx.x, ctx.y, lr=cfg.lr, epochs=cfg.local_epochs,
                                   batch_size=cfg.batch_size, generator=ctx.generator)
-        return self._delta(ctx, payload, trained, seen)
+        torch._foreach_sub_(list(trained.values()), [payload.tensors[k] for k in trained])  # in place: trained is ours
+        return self._delta(ctx, trained, seen)
 
     def on_model_batch(self, ctxs, payloads) -> list:
         """``on_model`` for the clients that received the model at one instant (stacked
@@ -88,15 +89,13 @@ class FedAvg(Algorithm):
         cfg = self.config
         trained = local_sgd_many(ctxs[0].model if ctxs else self.model, [payloads[i].tensors for i in ok],
                                  [ctxs[i].x for i in ok], [ctxs[i].y for i in ok], [ctxs[i].generator for i in ok],
-                                 lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size)
-        for i, (params, seen) in zip(ok, trained):
-            out[i] = self._delta(ctxs[i], payloads[i], params, seen)
+                                 lr=cfg.lr, epochs=cfg.local_epochs, batch_size=cfg.batch_size, change=True)
+        for i, (delta, seen) in zip(ok, trained):
+            out[i] = self._delta(ctxs[i], delta, seen)
         return out
 
-    def _delta(self, ctx, payload: Payload, trained, seen: int) -> Payload:
+    def _delta(self, ctx, delta, seen: int) -> Payload:
         ctx.charge(seen)
-        torch._foreach_sub_(list(trained.values()), [payload.tensors[k] for k in trained])  # in place: trained is ours
-        delta = trained
         return Payload(tensors=delta, meta={"samples": ctx.x.shape[0]}, payload_bits=dense_bits(delta),
                        handed_over=True)  # made for this reply, never written again
 

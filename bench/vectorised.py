@@ -12,10 +12,12 @@ script short). ``digits``: the same on the 8x8 digits with an MLP 64 (4,810 para
   lean per-client step of :mod:`algorithms.fastpath` (hand-written forward/backward, the
   gradient folded into the update);
 * **fedsim fast**: the defaults: what fedsim picks on this hardware. The clients a broadcast
-  reaches at one instant are trained together (``fedsim.batching``), stacked into ``bmm``s
-  when the model is small (``fastpath.STACK_MAX_FLOATS``: a few clients at a time on the 784-200-10 MLP), else one at a time with the lean
-  step. The 784-200-10 MLP stacks 4 clients at a time (100 stacked copies, 63 MB, leave
-  the cache and lose on a CPU); the ``digits`` MLP 64 stacks all 100.
+  reaches at one instant are trained together (``fedsim.batching``). On the 784-200-10 MLP
+  they share the broadcast weights, so the first layer takes the kernel form
+  (``algorithms.shared_start``: every client's samples through the shared weights in one
+  product, each client's change formed once at the end, chunks of 8 clients); smaller models
+  are stacked into ``bmm``s (``fastpath.STACK_MAX_FLOATS``; the ``digits`` MLP 64 stacks all
+  100).
 
 The **steady round** is the median wall time between consecutive round ends (training,
 messages, aggregation and evaluation of a round; data generation and setup excluded, and the
@@ -25,7 +27,12 @@ read the ratios. Final accuracies: fedsim plain and fast must agree to float tol
 seeds, same minibatches; the largest parameter difference is printed); the bare loop
 shuffles with its own seeds, so it agrees within noise only.
 
+``--threads 1 2`` repeats every table with both sides given two torch threads (the bare loop
+by ``torch.set_num_threads``, fedsim by ``run.threads``): the stacked products of the fast
+path use a second core, the bare loop's small per-client products barely do.
+
 Run: python bench/vectorised.py [--repeats 3] [--clients 100 1000] [--workload mlp784|digits|both]
+[--threads 1 2]
 """
 from __future__ import annotations
 
@@ -74,8 +81,9 @@ def steady(marks: list[float]) -> float:
     return statistics.median(b - a for a, b in zip(marks, marks[1:]))
 
 
-def measure(workload: str, clients: int, rounds: int, repeats: int) -> dict:
-    base = overhead.workload(workload, clients, [f"run.rounds={rounds}"])
+def measure(workload: str, clients: int, rounds: int, repeats: int, threads: int = 1) -> dict:
+    torch.set_num_threads(threads)  # the bare loop's; fedsim's sides set theirs from run.threads
+    base = overhead.workload(workload, clients, [f"run.rounds={rounds}", f"run.threads={threads}"])
     sides = {
         "bare loop": (_bare, load_scenario(None, base)),
         "fedsim plain": (_fedsim, load_scenario(None, base + ["run.vectorise=false"])),
@@ -99,6 +107,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1],
+                    help="torch threads, the same for every side (bare: torch.set_num_threads; fedsim: run.threads); "
+                         "one table per count")
     ap.add_argument("--workload", choices=["mlp784", "digits", "both"], default="both",
                     help="mlp784: the 784-200-10 MLP (lean steps, no stacking); digits: MLP 64 on the 8x8 digits "
                          "(small enough to stack)")
@@ -108,24 +119,24 @@ def main() -> None:
     fedsim.runner.load_dataset = overhead.load_dataset = _cached_load
     console = Console()
     workloads = ["mlp784", "digits"] if args.workload == "both" else [args.workload]
-    for workload, clients in [(w, c) for w in workloads for c in args.clients]:
+    for workload, clients, threads in [(w, c, t) for w in workloads for c in args.clients for t in args.threads]:
         if workload == "digits" and clients > 1000:
             continue
         rounds = 5 if clients <= 100 else 3
         repeats = args.repeats if clients <= 100 else 1
-        res = measure(workload, clients, rounds, repeats)
+        res = measure(workload, clients, rounds, repeats, threads)
         med = {k: statistics.median(v) for k, v in res["rounds"].items()}
         what = ("MLP 784-200-10, {c} clients x 100 samples, 1 epoch, batch 32, lr 0.05" if workload == "mlp784" else
                 "MLP 64 on the 8x8 digits, {c} clients (1,437 samples split evenly), 1 epoch, batch 32, lr 0.1")
         table = Table(title=f"bench/vectorised.py: FedAvg, {what.format(c=clients)}, {rounds} rounds; steady round, "
-                            f"median of {repeats} (CPU, 1 thread, shared machine)")
+                            f"median of {repeats} (CPU, {threads} thread{'s' if threads > 1 else ''} each, shared machine)")
         for col in ("path", "steady round (s)", "all repeats (s)", "/ bare loop", "final accuracy"):
             table.add_column(col)
         for k, v in res["rounds"].items():
             table.add_row(k, f"{med[k]:.3f}", " ".join(f"{t:.3f}" for t in v), f"{med[k] / med['bare loop']:.2f}",
                           f"{res['accs'][k]:.4f}")
         console.print(table)
-        print(f"{workload} clients={clients}: fast/bare={med['fedsim fast'] / med['bare loop']:.2f} (target <= 0.5) "
+        print(f"{workload} clients={clients} threads={threads}: fast/bare={med['fedsim fast'] / med['bare loop']:.2f} (target <= 0.5) "
               f"plain/bare={med['fedsim plain'] / med['bare loop']:.2f} "
               f"max |fast - plain| parameter={res['param_diff']:.2e}")
     if torch.cuda.is_available():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from algorithms import algorithm_names, fastpath
+from algorithms import algorithm_names, fastpath, shared_start
 from algorithms.common import local_sgd, loss_and_grad
 from algorithms.lowrank import loss_and_grads
 from fedsim.models import ModelConfig, build_model
@@ -182,6 +182,60 @@ def test_stacked_sgd_matches_one_client_at_a_time(kind, cfg, shape):
                               generator=torch.Generator().manual_seed(i))
         assert seen == 2 * n
         _close({k: stacked[i][k] for k in one}, one)
+
+
+@pytest.mark.parametrize("hidden,epochs", [([], 2), ([16], 1), ([16, 8], 3)], ids=["logistic", "mlp", "mlp-3-epochs"])
+@pytest.mark.parametrize("change", [False, True], ids=["trained", "change"])
+def test_shared_start_sgd_matches_one_client_at_a_time(hidden, epochs, change):
+    """The kernel form (the first layer never formed until the end) = local_sgd per client
+    from the one start: same shuffles, steps and uneven last batch, to float rounding; with
+    ``change`` the result is trained minus start."""
+    torch.manual_seed(0)
+    config = ModelConfig(kind="mlp", hidden=hidden) if hidden else ModelConfig(kind="logistic")
+    model = build_model(config, (1, 8, 8), 3, seed=1)
+    plan = fastpath.plan(model)
+    clients, n = 5, 23  # batch 8: steps of 8, 8, 7 per epoch
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    xs = [torch.randn(n, 1, 8, 8) for _ in range(clients)]
+    ys = [torch.randint(0, 3, (n,)) for _ in range(clients)]
+    kernel = shared_start.sgd(plan, start, xs, ys, [torch.Generator().manual_seed(i) for i in range(clients)],
+                              epochs=epochs, batch_size=8, lr=0.1, change=change)
+    for i in range(clients):
+        one, _ = local_sgd(model, start, xs[i], ys[i], lr=0.1, epochs=epochs, batch_size=8,
+                           generator=torch.Generator().manual_seed(i))
+        if change:
+            one = {k: v - start[k] for k, v in one.items()}
+        assert float(max((one[k] - start[k]).abs().max() for k in one)) > 1e-3  # it trained
+        _close({k: kernel[i][k] for k in one}, one)
+
+
+def test_kernel_form_pays_for_large_first_layers_and_few_rows():
+    wide = build_model(ModelConfig(kind="mlp", hidden=[200]), (784,), 10, seed=1)
+    plan, params = fastpath.plan(wide), dict(wide.named_parameters())
+    assert shared_start.pays(plan, params, rows=100, epochs=1, clients=100)  # the usual benchmark
+    assert not shared_start.pays(plan, params, rows=100, epochs=1, clients=2)  # two copies stay in the cache
+    assert not shared_start.pays(plan, params, rows=400, epochs=1, clients=100)  # the Gram blocks cost more
+    assert not shared_start.pays(plan, params, rows=100, epochs=4, clients=100)
+    assert not shared_start.pays(plan, params, rows=0, epochs=1, clients=100)
+
+
+def test_clients_of_one_broadcast_train_in_kernel_form_and_change_nothing_observable(monkeypatch):
+    """FedAvg clients that received the same model at one instant train with their first
+    layer in kernel form (the cache budget lowered so this small model qualifies): the same
+    messages, bytes, times and events as one at a time, the same model to float tolerance."""
+    monkeypatch.setattr(shared_start, "STACK_MAX_FLOATS", 10_000)
+    groups: list[int] = []
+    original = shared_start.sgd
+    scenario = ["data.clients=40", "data.dataset=digits", "data.partition=iid", "model.kind=mlp",
+                "model.hidden=[128]", "algorithm.name=fedavg", "algorithm.fedavg.local_epochs=2", "run.rounds=3"]
+    monkeypatch.setattr(shared_start, "sgd", lambda plan, start, xs, *a, **k: (groups.append(len(xs)),
+                                                                                original(plan, start, xs, *a, **k))[1])
+    together = run(load_scenario(None, scenario + ["run.batch_clients=true"]))
+    monkeypatch.setattr(shared_start, "sgd", original)
+    alone = run(load_scenario(None, scenario + ["run.batch_clients=false"]))
+    assert groups and max(groups) > 1
+    assert _observable(together) == _observable(alone)
+    _close(together.final_params, alone.final_params, tol=1e-4)
 
 
 def test_stackable_is_for_small_dense_models_only():

@@ -1,0 +1,142 @@
+"""Local SGD of many clients from one shared start, the first layer in kernel form.
+
+In a FedAvg round every client starts from the same broadcast weights ``W0`` and takes a few
+SGD steps on its own data. Stacking the clients' copies of a large first layer (the 784x200
+one of the usual benchmark: 628 KB a client) leaves the cache, and every step then reads and
+writes every copy. But the first layer's input is the data itself, so after steps on
+minibatches ``X_1 .. X_{t-1}`` a client's first layer is
+
+    W_t = W0 + sum_s D_s^T X_s,      D_s = -lr * (d loss / d the layer's output) on batch s,
+
+and its output on the next minibatch needs no copy of the weights at all:
+
+    X_t W_t^T = X_t W0^T + sum_s (X_t X_s^T) D_s.
+
+``X W0^T`` is one large product over every client's samples at once (the weights are
+shared), the correction is a product with the small Gram blocks ``X_t X_s^T`` (batch x rows
+seen), and each client's trained layer is formed once, at the end, as
+``W0 + D^T X`` (one batched product over its whole epoch). The other layers are small and
+train stacked as in :func:`algorithms.fastpath.sgd_stacked`, as do the first layer's biases.
+
+The arithmetic is what the plain steps do (a forward and a weight gradient per sample) plus
+the correction, which grows with the rows a client has seen; :func:`pays` keeps this form to
+clients whose epochs hold few enough rows that the correction costs at most the forward
+pass, and whose copies of the first layer would not stay in the cache anyway. The minibatches, their order and the generators they are drawn from are those of
+:func:`algorithms.fastpath.sgd_stacked`; results agree with one client at a time to float
+rounding (sums are taken in another order).
+"""
+from __future__ import annotations
+
+import torch
+
+from .fastpath import STACK_MAX_FLOATS, DensePlan, Params, _stacked_step, names
+
+
+def pays(plan: DensePlan, start: Params, rows: int, epochs: int, clients: int) -> bool:
+    """True when the kernel form suits ``clients`` clients with ``rows`` samples each training
+    ``epochs`` epochs from ``start``: their stacked first layers would not stay in the cache
+    (more than :data:`algorithms.fastpath.STACK_MAX_FLOATS` floats, else plain stacking
+    costs no more), and the Gram correction of a sample (``epochs * rows / 2`` earlier samples
+    on average, each ``inputs + outputs`` multiply-adds) costs no more than its forward pass
+    through the first layer (``inputs * outputs``)."""
+    outputs, inputs = start[plan.layers[0][0]].shape
+    return (rows > 0 and clients * inputs * outputs > STACK_MAX_FLOATS
+            and epochs * rows * (inputs + outputs) <= 2 * inputs * outputs)
+
+
+def chunk(plan: DensePlan, start: Params, rows: int) -> int:
+    """How many clients with ``rows`` samples to train at once: as many as keep their samples
+    (read again by every step's Gram block) within :data:`algorithms.fastpath.STACK_MAX_FLOATS`."""
+    inputs = start[plan.layers[0][0]].shape[1]
+    return max(2, STACK_MAX_FLOATS // max(1, rows * inputs))
+
+
+class _FirstLayer:
+    """Every client's first layer as ``W0 + sum_s D_s^T X_s``, for :func:`_stacked_step`.
+
+    Per epoch it holds the clients' samples in the epoch's order (``[clients, rows,
+    inputs]``), their products with ``W0`` and the ``D`` rows filled in so far; the batch in
+    progress is ``rows lo:hi`` of that epoch."""
+
+    def __init__(self, bias: torch.Tensor, lr: float) -> None:
+        self.bias = bias  # [clients, outputs], stepped in place like any stacked bias
+        self.lr = lr
+        self.past: list[tuple[torch.Tensor, torch.Tensor]] = []  # (samples, D) of finished epochs
+        self.x = self.xw0 = self.d = None
+        self.lo = self.hi = 0
+
+    def begin_epoch(self, x: torch.Tensor, xw0: torch.Tensor) -> None:
+        if self.x is not None:
+            self.past.append((self.x, self.d))
+        self.x, self.xw0 = x, xw0
+        self.d = torch.empty_like(xw0)
+
+    def forward(self, xt: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.lo, self.hi
+        out = torch.add(self.xw0[:, lo:hi], self.bias.unsqueeze(1))
+        for x, d in self.past:
+            out.baddbmm_(torch.bmm(xt, x.transpose(1, 2)), d)
+        if lo:
+            out.baddbmm_(torch.bmm(xt, self.x[:, :lo].transpose(1, 2)), self.d[:, :lo])
+        return out
+
+    def update(self, g: torch.Tensor) -> None:
+        torch.mul(g, -self.lr, out=self.d[:, self.lo:self.hi])
+        self.bias.sub_(g.sum(1), alpha=self.lr)
+
+    def change(self) -> torch.Tensor:
+        """What each client's steps added to the shared weights, ``[clients, outputs, inputs]``."""
+        self.past.append((self.x, self.d))
+        (x, d), *later = self.past
+        change = torch.bmm(d.transpose(1, 2), x)
+        for x, d in later:
+            change.baddbmm_(d.transpose(1, 2), x)
+        return change
+
+
+def sgd(plan: DensePlan, start: Params, xs: list[torch.Tensor], ys: list[torch.Tensor],
+        generators: list[torch.Generator], *, epochs: int, batch_size: int, lr: float,
+        change: bool = False) -> list[Params]:
+    """:func:`algorithms.fastpath.sgd_stacked` for clients that all start from ``start`` (every
+    ``xs[i]`` the same number of rows). Returns each client's trained parameters or, with
+    ``change``, trained minus ``start`` (FedAvg's delta: the first layer's is then formed
+    directly, never as a difference of two models). Views into stacked tensors."""
+    clients, n = len(xs), xs[0].shape[0]
+    w1, b1 = plan.layers[0]
+    w0 = start[w1]
+    first = _FirstLayer(start[b1].expand(clients, -1).clone(), lr)
+    params = {k: start[k].expand(clients, *start[k].shape).clone() for k in names(plan)[2:]}
+    offsets = (torch.arange(clients) * n).unsqueeze(1)
+    with torch.no_grad():
+        # minibatches(): one permutation per client and epoch, sliced in order. The first
+        # epoch's samples are gathered once in their order; later epochs reorder those rows.
+        perms = [torch.randperm(n, generator=g) for g in generators]
+        x = torch.empty(clients, n, w0.shape[1], dtype=w0.dtype)
+        for i, (xi, perm) in enumerate(zip(xs, perms)):
+            torch.index_select(xi.reshape(n, -1), 0, perm, out=x[i])
+        y = torch.stack([yi.index_select(0, perm) for yi, perm in zip(ys, perms)])
+        xw0 = (x.view(clients * n, -1) @ w0.t()).view(clients, n, -1)  # every client's samples, one product
+        first_order = torch.stack(perms)
+        for epoch in range(epochs):
+            if epoch == 0:
+                xe, ye, xw0e = x, y, xw0
+            else:
+                # row r of a client's data sits at inverse[r] in the first epoch's order
+                inverse = torch.empty_like(first_order).scatter_(1, first_order, torch.arange(n).expand(clients, n))
+                rows = inverse.gather(1, torch.stack([torch.randperm(n, generator=g) for g in generators]))
+                rows = rows.add_(offsets).reshape(-1)
+                xe = x.view(clients * n, -1).index_select(0, rows).view(clients, n, -1)
+                ye = y.view(-1).index_select(0, rows).view(clients, n)
+                xw0e = xw0.view(clients * n, -1).index_select(0, rows).view(clients, n, -1)
+            first.begin_epoch(xe, xw0e)
+            for lo in range(0, n, batch_size):
+                first.lo, first.hi = lo, min(n, lo + batch_size)
+                _stacked_step(plan.layers, params, xe[:, lo:first.hi], ye[:, lo:first.hi], lr, first=first)
+        params[b1] = first.bias
+        if change:
+            for k, v in params.items():
+                v.sub_(start[k])
+            params[w1] = first.change()
+        else:
+            params[w1] = first.change().add_(w0)
+    return [{k: v[i] for k, v in params.items()} for i in range(clients)]
