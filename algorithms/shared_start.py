@@ -140,3 +140,4 @@ def sgd(plan: DensePlan, start: Params, xs: list[torch.Tensor], ys: list[torch.T
         else:
             params[w1] = first.change().add_(w0)
     return [{k: v[i] for k, v in params.items()} for i in range(clients)]
+
