@@ -31,10 +31,11 @@ shuffles with its own seeds, so it agrees within noise only.
 by ``torch.set_num_threads``, fedsim by ``run.threads``): the stacked products of the fast
 path use a second core, the bare loop's small per-client products barely do (on the
 digits they run slower). Those tables add the bare loop on one thread, and the summary line
-gives fast over the bare loop at its best thread count as well.
+gives fast over the bare loop at its best thread count as well. ``--stacked`` adds the fast
+path with the kernel form switched off (the clients stacked, 4 at a time on 784-200-10).
 
 Run: python bench/vectorised.py [--repeats 3] [--clients 100 1000] [--workload mlp784|digits|both]
-[--threads 1 2]
+[--threads 1 2] [--stacked]
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ from rich.table import Table
 
 import fedsim.runner
 from bench import overhead
+from algorithms import shared_start
 from fedsim.runner import run
 from fedsim.scenario import load_scenario
 
@@ -84,11 +86,22 @@ def _fedsim(scenario) -> tuple[list[float], float, dict | None]:
     return marks, result.summary["final_accuracy"], result.final_params
 
 
+def _fedsim_stacked(scenario) -> tuple[list[float], float, dict | None]:
+    """The fast path with the kernel form switched off (clients stacked as before it)."""
+    pays = shared_start.pays
+    shared_start.pays = lambda *args: False
+    try:
+        return _fedsim(scenario)
+    finally:
+        shared_start.pays = pays
+
+
 def steady(marks: list[float]) -> float:
     return statistics.median(b - a for a, b in zip(marks, marks[1:]))
 
 
-def measure(workload: str, clients: int, rounds: int, repeats: int, threads: int = 1) -> dict:
+def measure(workload: str, clients: int, rounds: int, repeats: int, threads: int = 1,
+            stacked: bool = False) -> dict:
     torch.set_num_threads(threads)  # the bare loop's; fedsim's sides set theirs from run.threads
     base = overhead.workload(workload, clients, [f"run.rounds={rounds}", f"run.threads={threads}"])
     sides = {
@@ -98,6 +111,8 @@ def measure(workload: str, clients: int, rounds: int, repeats: int, threads: int
                                                                               "run.batch_clients=false"])),
         "fedsim fast": (_fedsim, load_scenario(None, base + ["run.vectorise=true"])),
     }
+    if stacked:
+        sides["fedsim fast, no kernel form"] = (_fedsim_stacked, sides["fedsim fast"][1])
     if threads > 1:  # the bare loop may be faster on one thread: the fair reference is its best
         sides["bare loop, 1 thread"] = (lambda sc: _bare(sc, 1), load_scenario(None, base))
     rounds_s: dict[str, list[float]] = {k: [] for k in sides}
@@ -119,6 +134,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1],
                     help="torch threads, the same for every side (bare: torch.set_num_threads; fedsim: run.threads); "
                          "one table per count")
+    ap.add_argument("--stacked", action="store_true",
+                    help="add the fast path without the kernel form (algorithms/shared_start.py): clients stacked")
     ap.add_argument("--workload", choices=["mlp784", "digits", "both"], default="both",
                     help="mlp784: the 784-200-10 MLP (lean steps, no stacking); digits: MLP 64 on the 8x8 digits "
                          "(small enough to stack)")
@@ -133,7 +150,7 @@ def main() -> None:
             continue
         rounds = 5 if clients <= 100 else 3
         repeats = args.repeats if clients <= 100 else 1
-        res = measure(workload, clients, rounds, repeats, threads)
+        res = measure(workload, clients, rounds, repeats, threads, args.stacked)
         med = {k: statistics.median(v) for k, v in res["rounds"].items()}
         what = ("MLP 784-200-10, {c} clients x 100 samples, 1 epoch, batch 32, lr 0.05" if workload == "mlp784" else
                 "MLP 64 on the 8x8 digits, {c} clients (1,437 samples split evenly), 1 epoch, batch 32, lr 0.1")
