@@ -15,7 +15,7 @@ script short). ``digits``: the same on the 8x8 digits with an MLP 64 (4,810 para
   reaches at one instant are trained together (``fedsim.batching``). On the 784-200-10 MLP
   they share the broadcast weights, so the first layer takes the kernel form
   (``algorithms.shared_start``: every client's samples through the shared weights in one
-  product, each client's change formed once at the end, chunks of 8 clients); smaller models
+  product, each client's change formed once at the end, chunks of 33 clients); smaller models
   are stacked into ``bmm``s (``fastpath.STACK_MAX_FLOATS``; the ``digits`` MLP 64 stacks all
   100).
 
