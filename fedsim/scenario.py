@@ -61,7 +61,9 @@ class RunConfig:
     node dead and stops waiting for its clients; a join says hello again after as long."""
     threads: int = 1
     """torch intra-op threads. Federated models are small: one thread per process avoids
-    threads spinning against each other (0.7 ms vs 89 ms per MLP step measured on 2 busy cores)."""
+    threads spinning against each other (0.7 ms vs 89 ms per MLP step measured on 2 busy cores).
+    Clients computed together (``batch_clients``) run large products, which a second thread
+    does speed up on an otherwise idle machine (``bench/vectorised.py --threads 1 2``)."""
     vectorise: bool = True
     """Fast client compute (``algorithms.fastpath``): client steps on the shipped models skip
     autograd. ``false`` keeps the plain autograd path (the reference); results agree to float
@@ -69,8 +71,10 @@ class RunConfig:
     batch_clients: bool = True
     """With ``vectorise`` in virtual time: the clients that receive a message at the same
     instant are computed together where the method offers it (``fedsim.batching``: FedAvg's
-    local SGD stacked for small dense models; SGD's and the compressing methods' gradient
-    step stacked, their compression per client). ``false`` computes them one at a time."""
+    local SGD stacked for small dense models, and for the clients of one broadcast with a
+    large first layer in kernel form, ``algorithms.shared_start``; SGD's and the compressing
+    methods' gradient step stacked, their compression per client; FeDLRT's and FedLoRU's
+    local steps stacked). ``false`` computes them one at a time."""
 
     def __post_init__(self) -> None:
         _expect(isinstance(self.seed, int) and not isinstance(self.seed, bool), "run.seed", self.seed, "must be an integer")
