@@ -126,7 +126,8 @@ def local_sgd_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor
     out: list = [None] * len(starts)
     rest = list(range(len(starts)))
     if isinstance(plan, fastpath.DensePlan):
-        groups, rest = _shared_starts(plan, starts, xs, epochs)
+        groups, rest = _shared_starts(plan, starts, xs, lambda start, rows, clients: shared_start.pays(
+            plan, start, rows, epochs, clients))
         for group in groups:
             start = starts[group[0]]
             chunk = shared_start.chunk(plan, start, xs[group[0]].shape[0])
@@ -158,10 +159,10 @@ def local_sgd_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor
 
 
 def _shared_starts(plan: fastpath.DensePlan, starts: list[Params], xs: list[torch.Tensor],
-                   epochs: int) -> tuple[list[list[int]], list[int]]:
+                   pays: Callable[[Params, int, int], bool]) -> tuple[list[list[int]], list[int]]:
     """Groups of clients that start from equal weights (the same tensors, as after one
-    broadcast, or equal values) with as many samples, where the kernel form pays
-    (:func:`algorithms.shared_start.pays`); and every other client."""
+    broadcast, or equal values) with as many samples, where ``pays(start, rows, clients)``;
+    and every other client."""
     wanted = fastpath.names(plan)
     groups: list[list[int]] = []
     rest: list[int] = []
@@ -179,7 +180,7 @@ def _shared_starts(plan: fastpath.DensePlan, starts: list[Params], xs: list[torc
             groups.append([i])
     kernel = []
     for group in groups:
-        if shared_start.pays(plan, starts[group[0]], xs[group[0]].shape[0], epochs, len(group)):
+        if pays(starts[group[0]], xs[group[0]].shape[0], len(group)):
             kernel.append(group)
         else:
             rest.extend(group)
@@ -199,17 +200,39 @@ def _equal_params(a: Params, b: Params) -> bool:
 
 def loss_and_grad_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor],
                        ys: list[torch.Tensor]) -> list[Params]:
-    """The gradients of :func:`loss_and_grad` for many clients, in order: stacked for clients
-    with as many rows in ``xs[i]`` where the model is small enough
-    (:func:`algorithms.fastpath.grads_stacked`), else one at a time."""
+    """The gradients of :func:`loss_and_grad` for many clients, in order. Clients of a dense
+    model that hold the same weights and as many rows in ``xs[i]`` share one forward and
+    backward pass where their stacked copies would leave the cache
+    (:func:`algorithms.shared_start.grads`); others are stacked where the model is small
+    enough (:func:`algorithms.fastpath.grads_stacked`); the rest one at a time."""
     plan = fastpath.plan(model)
+    out: list = [None] * len(starts)
+    rest = list(range(len(starts)))
+    if isinstance(plan, fastpath.DensePlan):
+        groups, rest = _shared_starts(plan, starts, xs, lambda start, rows, clients: shared_start.grads_pay(
+            plan, start, clients))
+        for group in groups:
+            start = starts[group[0]]
+            chunk = shared_start.grads_chunk(plan, start)
+            for c in range(0, len(group), chunk):
+                members = group[c:c + chunk]
+                grads = shared_start.grads(plan, start, [xs[i] for i in members], [ys[i] for i in members])
+                for i, g in zip(members, grads):
+                    out[i] = {k: g[k] for k in starts[i]}  # the caller's order
 
     def stacked(group: list[int]) -> list[Params]:
+        group = [rest[j] for j in group]
         grads = fastpath.grads_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
                                        [ys[i] for i in group])
         return [{k: g[k] for k in starts[i]} for i, g in zip(group, grads)]  # the caller's order
 
-    return _one_or_stacked(plan, starts, xs, lambda i: loss_and_grad(model, starts[i], xs[i], ys[i])[1], stacked)
+    def one(j: int) -> Params:
+        i = rest[j]
+        return loss_and_grad(model, starts[i], xs[i], ys[i])[1]
+
+    for i, g in zip(rest, _one_or_stacked(plan, [starts[i] for i in rest], [xs[i] for i in rest], one, stacked)):
+        out[i] = g
+    return out
 
 
 GradientSteps = Generator[tuple[Params, torch.Tensor, torch.Tensor], Params, "Payload | None"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .fastpath import STACK_MAX_FLOATS, DensePlan, Params, _stacked_step, names
+from .fastpath import STACK_MAX_FLOATS, DensePlan, Params, _dense_forward, _relu_backward, _stacked_step, names
 
 
 def pays(plan: DensePlan, start: Params, rows: int, epochs: int, clients: int) -> bool:
@@ -151,3 +151,40 @@ def sgd(plan: DensePlan, start: Params, xs: list[torch.Tensor], ys: list[torch.T
             params[w1] = first.change().add_(w0)
     return [{k: v[i] for k, v in params.items()} for i in range(clients)]
 
+
+def grads_pay(plan: DensePlan, start: Params, clients: int) -> bool:
+    """True when :func:`grads` suits ``clients`` clients holding ``start``: their stacked
+    copies would not stay in the cache (:data:`algorithms.fastpath.STACK_MAX_FLOATS`)."""
+    return clients * sum(start[n].numel() for n in names(plan)) > STACK_MAX_FLOATS
+
+
+def grads_chunk(plan: DensePlan, start: Params) -> int:
+    """How many clients' gradients to form at once: their weight gradients (each the model's
+    size) within :data:`CHUNK_MAX_FLOATS`."""
+    return max(2, CHUNK_MAX_FLOATS // max(1, sum(start[n].numel() for n in names(plan))))
+
+
+def grads(plan: DensePlan, start: Params, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[Params]:
+    """:func:`algorithms.fastpath.grads_stacked` for clients that all hold ``start`` (every
+    ``xs[i]`` the same number of rows): each client's gradient of the mean cross-entropy on
+    its own samples. The forward pass and the backward pass to each layer's input run once
+    over every client's samples through the one set of weights (plain matrix products, no
+    stacked copies); only the weight gradients, each client's own, are batched products.
+    Views into stacked tensors."""
+    clients, rows = len(xs), xs[0].shape[0]
+    with torch.no_grad():
+        x = torch.cat([v.reshape(rows, -1) for v in xs])
+        acts = _dense_forward(plan.layers, start, x)
+        g = torch.softmax(acts.pop(), 1)
+        g.scatter_add_(1, torch.cat(ys).unsqueeze(1), torch.full((g.shape[0], 1), -1.0, dtype=g.dtype))
+        g.mul_(1.0 / rows)  # the mean over each client's own samples
+        out: Params = {}
+        for i in range(len(plan.layers) - 1, -1, -1):
+            w, b = plan.layers[i]
+            a = acts[i]
+            per_client = g.view(clients, rows, -1)
+            out[w] = torch.bmm(per_client.transpose(1, 2), a.view(clients, rows, -1))
+            out[b] = per_client.sum(1)
+            if i > 0:
+                g = _relu_backward(g @ start[w], a)
+    return [{k: out[k][i] for k in names(plan)} for i in range(clients)]

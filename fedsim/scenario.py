@@ -73,7 +73,8 @@ class RunConfig:
     instant are computed together where the method offers it (``fedsim.batching``: FedAvg's
     local SGD stacked for small dense models, and for the clients of one broadcast with a
     large first layer in kernel form, ``algorithms.shared_start``; SGD's and the compressing
-    methods' gradient step stacked, their compression per client; FeDLRT's and FedLoRU's
+    methods' gradient step stacked, or in one pass through the weights the clients share, their
+    compression per client; FeDLRT's and FedLoRU's
     local steps stacked). ``false`` computes them one at a time."""
 
     def __post_init__(self) -> None:

@@ -240,6 +240,40 @@ def test_clients_of_one_broadcast_train_in_kernel_form_and_change_nothing_observ
     _close(together.final_params, alone.final_params, tol=1e-4)
 
 
+def test_shared_start_gradients_match_one_client_at_a_time():
+    model = build_model(ModelConfig(kind="mlp", hidden=[16, 8]), (1, 8, 8), 3, seed=1)
+    plan = fastpath.plan(model)
+    start = {k: v.detach() for k, v in model.named_parameters()}
+    xs = [torch.randn(6, 1, 8, 8) for _ in range(4)]
+    ys = [torch.randint(0, 3, (6,)) for _ in range(4)]
+    shared = shared_start.grads(plan, start, xs, ys)
+    for i in range(4):
+        _, one = loss_and_grad(model, start, xs[i], ys[i])
+        _close({k: shared[i][k] for k in one}, one)
+    first = plan.layers[0][0]
+    assert not torch.allclose(shared[0][first], shared[1][first])  # each client's own
+
+
+@pytest.mark.parametrize("method", ["sgd", "qrr", "powersgd"])
+def test_gradient_steps_from_one_broadcast_share_a_pass_and_change_nothing_observable(method, monkeypatch):
+    """The gradient step of clients that hold the same model (the cache budget lowered so this
+    small model qualifies): one forward and backward pass through the shared weights, the
+    same messages, bytes, times and events as one at a time, the same model to float tolerance."""
+    monkeypatch.setattr(shared_start, "STACK_MAX_FLOATS", 10_000)
+    groups: list[int] = []
+    original = shared_start.grads
+    monkeypatch.setattr(shared_start, "grads", lambda plan, start, xs, ys: (groups.append(len(xs)),
+                                                                             original(plan, start, xs, ys))[1])
+    scenario = ["data.clients=12", "data.dataset=digits", "data.partition=iid", "model.kind=mlp", "model.hidden=[16]",
+                f"algorithm.name={method}", "run.rounds=4"]
+    together = run(load_scenario(None, scenario + ["run.batch_clients=true"]))
+    monkeypatch.setattr(shared_start, "grads", original)
+    alone = run(load_scenario(None, scenario + ["run.batch_clients=false"]))
+    assert groups and max(groups) > 1
+    assert _observable(together) == _observable(alone)
+    _close(together.final_params, alone.final_params, tol=1e-4)
+
+
 def test_stackable_is_for_small_dense_models_only():
     small = build_model(ModelConfig(kind="mlp", hidden=[16]), (1, 8, 8), 10, seed=1)
     wide = build_model(ModelConfig(kind="mlp", hidden=[1000]), (784,), 10, seed=1)  # 795k weights
