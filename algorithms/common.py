@@ -92,16 +92,18 @@ def local_sgd(model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor
 
 
 def _one_or_stacked(plan: fastpath.Plan | None, starts: list[Params], xs: list[torch.Tensor],
-                    one: Callable[[int], T], stacked: Callable[[list[int]], list[T]]) -> list[T]:
-    """Per client ``i`` (in order): ``one(i)``, or its share of ``stacked(group)`` for groups of
-    clients that may train as one stack (:func:`algorithms.fastpath.stackable`: a small dense
-    model, the plan's parameters exactly) and hold as many rows of data, cut to cache-sized
-    chunks (:func:`algorithms.fastpath.stack_chunk`). A group of one takes ``one``."""
-    out: list = [None] * len(starts)
+                    one: Callable[[int], T], stacked: Callable[[list[int]], list[T]], out: list,
+                    among: list[int]) -> None:
+    """Fill ``out[i]`` for each client ``i`` of ``among``: ``one(i)``, or its share of
+    ``stacked(group)`` for groups of clients that may train as one stack
+    (:func:`algorithms.fastpath.stackable`: a small dense model, the plan's parameters
+    exactly) and hold as many rows of data, cut to cache-sized chunks
+    (:func:`algorithms.fastpath.stack_chunk`). A group of one takes ``one``."""
     by_rows: dict[int, list[int]] = {}
-    for i, (start, x) in enumerate(zip(starts, xs)):
-        if x.shape[0] > 0 and fastpath.stackable(plan, start) and set(start) == set(fastpath.names(plan)):
-            by_rows.setdefault(x.shape[0], []).append(i)
+    for i in among:
+        start, rows = starts[i], xs[i].shape[0]
+        if rows > 0 and fastpath.stackable(plan, start) and set(start) == set(fastpath.names(plan)):
+            by_rows.setdefault(rows, []).append(i)
         else:
             out[i] = one(i)
     for members in by_rows.values():
@@ -110,81 +112,42 @@ def _one_or_stacked(plan: fastpath.Plan | None, starts: list[Params], xs: list[t
             group = members[c:c + chunk]
             for i, result in zip(group, [one(group[0])] if len(group) == 1 else stacked(group)):
                 out[i] = result
-    return out
 
 
-def local_sgd_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor], ys: list[torch.Tensor],
-                   generators: list[torch.Generator], *, lr: float, epochs: int, batch_size: int,
-                   change: bool = False) -> list[tuple[Params, int]]:
-    """:func:`local_sgd` for many clients (``starts[i]`` on ``xs[i], ys[i]``), in order. Clients
-    of a dense model that start from the same weights with as many samples train together with
-    their first layer in kernel form (:mod:`algorithms.shared_start`, where it pays); others
-    holding as many samples train stacked where the model is small enough
-    (:func:`algorithms.fastpath.sgd_stacked`); the rest one at a time. With ``change`` each
-    result is the trained parameters minus ``starts[i]`` (FedAvg's delta)."""
-    plan = fastpath.plan(model)
-    out: list = [None] * len(starts)
-    rest = list(range(len(starts)))
-    if isinstance(plan, fastpath.DensePlan):
-        groups, rest = _shared_starts(plan, starts, xs, lambda start, rows, clients: shared_start.pays(
-            plan, start, rows, epochs, clients))
-        for group in groups:
-            start = starts[group[0]]
-            chunk = shared_start.chunk(plan, start, xs[group[0]].shape[0])
-            for c in range(0, len(group), chunk):
-                members = group[c:c + chunk]
-                trained = shared_start.sgd(plan, start, [xs[i] for i in members], [ys[i] for i in members],
-                                           [generators[i] for i in members], epochs=epochs, batch_size=batch_size,
-                                           lr=lr, change=change)
-                for i, p in zip(members, trained):
-                    out[i] = ({k: p[k] for k in starts[i]}, epochs * xs[i].shape[0])
-
-    def one(j: int) -> tuple[Params, int]:
-        i = rest[j]
-        return local_sgd(model, starts[i], xs[i], ys[i], lr=lr, epochs=epochs, batch_size=batch_size,
-                         generator=generators[i])
-
-    def stacked(group: list[int]) -> list[tuple[Params, int]]:
-        group = [rest[j] for j in group]
-        trained = fastpath.sgd_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
-                                       [ys[i] for i in group], [generators[i] for i in group],
-                                       epochs=epochs, batch_size=batch_size, lr=lr)
-        return [({k: p[k] for k in starts[i]}, epochs * xs[i].shape[0]) for i, p in zip(group, trained)]
-
-    for i, result in zip(rest, _one_or_stacked(plan, [starts[i] for i in rest], [xs[i] for i in rest], one, stacked)):
-        if change:  # in place: the trained tensors are this call's own
-            torch._foreach_sub_(list(result[0].values()), [starts[i][k] for k in result[0]])
-        out[i] = result
-    return out
-
-
-def _shared_starts(plan: fastpath.DensePlan, starts: list[Params], xs: list[torch.Tensor],
-                   pays: Callable[[Params, int, int], bool]) -> tuple[list[list[int]], list[int]]:
-    """Groups of clients that start from equal weights (the same tensors, as after one
-    broadcast, or equal values) with as many samples, where ``pays(start, rows, clients)``;
-    and every other client."""
-    wanted = fastpath.names(plan)
+def _from_shared_starts(plan: fastpath.Plan | None, starts: list[Params], xs: list[torch.Tensor], out: list,
+                        pays: Callable[[Params, int, int], bool], chunk: Callable[[Params, int], int],
+                        together: Callable[[Params, list[int]], list[T]]) -> list[int]:
+    """Fill ``out[i]`` for the clients of a dense model that start from equal weights (the
+    same tensors, as after one broadcast, or equal values) with as many rows of data, where
+    ``pays(start, rows, clients)``: ``together(start, members)`` per chunk of ``chunk(start,
+    rows)`` of them. Returns the other clients' indices."""
+    if not isinstance(plan, fastpath.DensePlan):
+        return list(range(len(starts)))
+    wanted = set(fastpath.names(plan))
     groups: list[list[int]] = []
     rest: list[int] = []
     for i, (start, x) in enumerate(zip(starts, xs)):
         rows = x.shape[0]
-        if set(start) != set(wanted) or rows == 0:
+        if set(start) != wanted or rows == 0:
             rest.append(i)
             continue
         for group in groups:
-            first = group[0]
-            if xs[first].shape[0] == rows and _equal_params(starts[first], start):
+            if xs[group[0]].shape[0] == rows and _equal_params(starts[group[0]], start):
                 group.append(i)
                 break
         else:
             groups.append([i])
-    kernel = []
     for group in groups:
-        if pays(starts[group[0]], xs[group[0]].shape[0], len(group)):
-            kernel.append(group)
-        else:
+        start, rows = starts[group[0]], xs[group[0]].shape[0]
+        if not pays(start, rows, len(group)):
             rest.extend(group)
-    return kernel, sorted(rest)
+            continue
+        size = chunk(start, rows)
+        for c in range(0, len(group), size):
+            members = group[c:c + size]
+            for i, result in zip(members, together(start, members)):
+                out[i] = result
+    return sorted(rest)
 
 
 def _equal_params(a: Params, b: Params) -> bool:
@@ -198,6 +161,48 @@ def _equal_params(a: Params, b: Params) -> bool:
     return True
 
 
+def local_sgd_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor], ys: list[torch.Tensor],
+                   generators: list[torch.Generator], *, lr: float, epochs: int, batch_size: int,
+                   change: bool = False) -> list[tuple[Params, int]]:
+    """:func:`local_sgd` for many clients (``starts[i]`` on ``xs[i], ys[i]``), in order. Clients
+    of a dense model that start from the same weights with as many samples train together with
+    their first layer in kernel form (:mod:`algorithms.shared_start`, where it pays); others
+    holding as many samples train stacked where the model is small enough
+    (:func:`algorithms.fastpath.sgd_stacked`); the rest one at a time. With ``change`` each
+    result is the trained parameters minus ``starts[i]`` (FedAvg's delta)."""
+    plan = fastpath.plan(model)
+    out: list = [None] * len(starts)
+
+    def result(i: int, trained: Params, subtract: bool) -> tuple[Params, int]:
+        trained = {k: trained[k] for k in starts[i]}
+        if subtract:  # in place: the trained tensors are this call's own
+            torch._foreach_sub_(list(trained.values()), [starts[i][k] for k in trained])
+        return trained, epochs * xs[i].shape[0]
+
+    def together(start: Params, group: list[int]) -> list[tuple[Params, int]]:
+        trained = shared_start.sgd(plan, start, [xs[i] for i in group], [ys[i] for i in group],
+                                   [generators[i] for i in group], epochs=epochs, batch_size=batch_size, lr=lr,
+                                   change=change)
+        return [result(i, p, False) for i, p in zip(group, trained)]
+
+    def one(i: int) -> tuple[Params, int]:
+        trained, _ = local_sgd(model, starts[i], xs[i], ys[i], lr=lr, epochs=epochs, batch_size=batch_size,
+                               generator=generators[i])
+        return result(i, trained, change)
+
+    def stacked(group: list[int]) -> list[tuple[Params, int]]:
+        trained = fastpath.sgd_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
+                                       [ys[i] for i in group], [generators[i] for i in group],
+                                       epochs=epochs, batch_size=batch_size, lr=lr)
+        return [result(i, p, change) for i, p in zip(group, trained)]
+
+    rest = _from_shared_starts(plan, starts, xs, out,
+                               lambda start, rows, clients: shared_start.pays(plan, start, rows, epochs, clients),
+                               lambda start, rows: shared_start.chunk(plan, start, rows), together)
+    _one_or_stacked(plan, starts, xs, one, stacked, out, rest)
+    return out
+
+
 def loss_and_grad_many(model: nn.Module, starts: list[Params], xs: list[torch.Tensor],
                        ys: list[torch.Tensor]) -> list[Params]:
     """The gradients of :func:`loss_and_grad` for many clients, in order. Clients of a dense
@@ -207,31 +212,21 @@ def loss_and_grad_many(model: nn.Module, starts: list[Params], xs: list[torch.Te
     enough (:func:`algorithms.fastpath.grads_stacked`); the rest one at a time."""
     plan = fastpath.plan(model)
     out: list = [None] * len(starts)
-    rest = list(range(len(starts)))
-    if isinstance(plan, fastpath.DensePlan):
-        groups, rest = _shared_starts(plan, starts, xs, lambda start, rows, clients: shared_start.grads_pay(
-            plan, start, clients))
-        for group in groups:
-            start = starts[group[0]]
-            chunk = shared_start.grads_chunk(plan, start)
-            for c in range(0, len(group), chunk):
-                members = group[c:c + chunk]
-                grads = shared_start.grads(plan, start, [xs[i] for i in members], [ys[i] for i in members])
-                for i, g in zip(members, grads):
-                    out[i] = {k: g[k] for k in starts[i]}  # the caller's order
+
+    def in_callers_order(group: list[int], grads: list[Params]) -> list[Params]:
+        return [{k: g[k] for k in starts[i]} for i, g in zip(group, grads)]
+
+    def together(start: Params, group: list[int]) -> list[Params]:
+        return in_callers_order(group, shared_start.grads(plan, start, [xs[i] for i in group], [ys[i] for i in group]))
 
     def stacked(group: list[int]) -> list[Params]:
-        group = [rest[j] for j in group]
-        grads = fastpath.grads_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
-                                       [ys[i] for i in group])
-        return [{k: g[k] for k in starts[i]} for i, g in zip(group, grads)]  # the caller's order
+        return in_callers_order(group, fastpath.grads_stacked(plan, [starts[i] for i in group], [xs[i] for i in group],
+                                                              [ys[i] for i in group]))
 
-    def one(j: int) -> Params:
-        i = rest[j]
-        return loss_and_grad(model, starts[i], xs[i], ys[i])[1]
-
-    for i, g in zip(rest, _one_or_stacked(plan, [starts[i] for i in rest], [xs[i] for i in rest], one, stacked)):
-        out[i] = g
+    rest = _from_shared_starts(plan, starts, xs, out,
+                               lambda start, rows, clients: shared_start.grads_pay(plan, start, clients),
+                               lambda start, rows: shared_start.grads_chunk(plan, start), together)
+    _one_or_stacked(plan, starts, xs, lambda i: loss_and_grad(model, starts[i], xs[i], ys[i])[1], stacked, out, rest)
     return out
 
 

@@ -155,13 +155,17 @@ def sgd(plan: DensePlan, start: Params, xs: list[torch.Tensor], ys: list[torch.T
 def grads_pay(plan: DensePlan, start: Params, clients: int) -> bool:
     """True when :func:`grads` suits ``clients`` clients holding ``start``: their stacked
     copies would not stay in the cache (:data:`algorithms.fastpath.STACK_MAX_FLOATS`)."""
-    return clients * sum(start[n].numel() for n in names(plan)) > STACK_MAX_FLOATS
+    return clients * _floats(plan, start) > STACK_MAX_FLOATS
 
 
 def grads_chunk(plan: DensePlan, start: Params) -> int:
     """How many clients' gradients to form at once: their weight gradients (each the model's
     size) within :data:`CHUNK_MAX_FLOATS`."""
-    return max(2, CHUNK_MAX_FLOATS // max(1, sum(start[n].numel() for n in names(plan))))
+    return max(2, CHUNK_MAX_FLOATS // max(1, _floats(plan, start)))
+
+
+def _floats(plan: DensePlan, start: Params) -> int:
+    return sum(start[n].numel() for n in names(plan))
 
 
 def grads(plan: DensePlan, start: Params, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[Params]:
