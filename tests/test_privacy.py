@@ -12,7 +12,7 @@ from fedsim.data import load_dataset, partition
 from fedsim.eavesdrop import EavesdropperConfig, WireTap, make_decoder
 from fedsim.errors import ScenarioError
 from fedsim.inversion import Target, cosine_distance, identity, infer_labels, total_variation
-from fedsim.privacy import eavesdrop, match, psnr, run_tapped, ssim
+from fedsim.privacy import eavesdrop, match, psnr, run_tapped, ssim, ssim_table
 from fedsim.scenario import from_dict
 
 METHODS = ["sgd", "fedavg", "laq", "slaq", "qrr", "powersgd", "lqsgd", "fedlrt", "fedloru", "topk"]
@@ -214,6 +214,22 @@ def test_metrics_and_matching():
     assert ssim(truth[0, 0].double().numpy(), noisy) < 1.0
     assert 10 < psnr(truth[0, 0].double().numpy(), noisy) < 30
     assert float(total_variation(torch.ones(1, 1, 4, 4))) == 0.0
+
+
+@pytest.mark.parametrize("side", [8, 28])
+def test_ssim_table_is_ssim_of_every_pair(side):
+    """The all-pairs table (one product per block of reconstructions) is scikit-image's SSIM
+    of each pair, clipping included, whatever the block size."""
+    rng = np.random.default_rng(side)
+    truth = [rng.random((side, side)) for _ in range(5)]
+    recon = [rng.random((side, side)) * 1.6 - 0.3 for _ in range(7)]  # out of [0, 1]: clipped
+    recon[2] = truth[4].copy()
+    reference = np.array([[ssim(t, r) for t in truth] for r in recon])
+    for block in (1, 3, 32):
+        table = ssim_table(recon, truth, rows_per_block=block)
+        assert table.shape == (7, 5)
+        assert np.abs(table - reference).max() < 1e-12
+    assert table[2, 4] == pytest.approx(1.0)
 
 
 def test_label_inference_counts_a_batch():
