@@ -174,6 +174,25 @@ def test_malformed_idx_raises(raw, match):
         parse_idx(raw, "test")
 
 
+def test_a_gzipped_file_rewritten_in_place_is_read_anew(tmp_path, monkeypatch):
+    """Gunzipped bytes are kept by the digest of the gzipped ones: the same file is gunzipped
+    once, and a file rewritten with other values of the same size (and perhaps within the
+    same timestamp tick) is never taken for the old one."""
+    import fedsim.data as data
+
+    calls = []
+    real = gzip.decompress
+    monkeypatch.setattr(data.gzip, "decompress", lambda raw: calls.append(len(raw)) or real(raw))
+    path = tmp_path / "a.gz"
+    first, second = np.arange(64, dtype=np.int32).reshape(8, 8), np.arange(64, 128, dtype=np.int32).reshape(8, 8)
+    write_idx(path, first)
+    assert np.array_equal(read_idx(path), first) and np.array_equal(read_idx(path), first)
+    assert len(calls) == 1
+    write_idx(path, second)
+    assert np.array_equal(read_idx(path), second)
+    assert len(calls) == 2
+
+
 def test_truncated_gzip_raises(tmp_path):
     data = gzip.compress(_idx_bytes(0x08, (100,), bytes(range(100))))
     (tmp_path / "t.gz").write_bytes(data[: len(data) // 2])
