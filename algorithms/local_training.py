@@ -190,7 +190,7 @@ def _stacked(plan: fastpath.DensePlan, requests: list[LocalSteps]) -> list[tuple
                 precondition=options.get("precondition"), momentum=options.get("momentum", 0.0),
                 weight_decay=options.get("weight_decay", 0.0), max_grad_norm=options.get("max_grad_norm", 0.0))
         seen += xb.shape[1]
-    return [({k: v[i] for k, v in current.items()}, seen) for i in range(b)]
+    return [(params, seen) for params in fastpath.per_client(current, b)]
 
 
 def _stacked_grads(plan: fastpath.DensePlan, build: Compose, shared: Mapping[str, torch.Tensor],

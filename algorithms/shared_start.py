@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from .fastpath import STACK_MAX_FLOATS, DensePlan, Params, _dense_forward, _relu_backward, _stacked_step, names
+from .fastpath import (STACK_MAX_FLOATS, DensePlan, Params, _dense_forward, _relu_backward, _stacked_step, names,
+                       per_client)
 
 
 def pays(plan: DensePlan, start: Params, rows: int, epochs: int, clients: int) -> bool:
@@ -121,12 +122,10 @@ def sgd(plan: DensePlan, start: Params, xs: list[torch.Tensor], ys: list[torch.T
         # minibatches(): one permutation per client and epoch, sliced in order. The first
         # epoch's samples are gathered once in their order; later epochs reorder those rows.
         perms = [torch.randperm(n, generator=g) for g in generators]
-        x = torch.empty(clients, n, w0.shape[1], dtype=w0.dtype)
-        for i, (xi, perm) in enumerate(zip(xs, perms)):
-            torch.index_select(xi.reshape(n, -1), 0, perm, out=x[i])
-        y = torch.stack([yi.index_select(0, perm) for yi, perm in zip(ys, perms)])
-        xw0 = (x.view(clients * n, -1) @ w0.t()).view(clients, n, -1)  # every client's samples, one product
         first_order = torch.stack(perms)
+        x = _gathered([xi.reshape(n, -1) for xi in xs], first_order, offsets)
+        y = _gathered(ys, first_order, offsets)
+        xw0 = (x.view(clients * n, -1) @ w0.t()).view(clients, n, -1)  # every client's samples, one product
         for epoch in range(epochs):
             if epoch == 0:
                 xe, ye, xw0e = x, y, xw0
@@ -149,7 +148,24 @@ def sgd(plan: DensePlan, start: Params, xs: list[torch.Tensor], ys: list[torch.T
             params[w1] = first.change()
         else:
             params[w1] = first.change().add_(w0)
-    return [{k: v[i] for k, v in params.items()} for i in range(clients)]
+    return per_client(params, clients)
+
+
+_GATHER_ONE_BY_ONE_FLOATS = 4096
+"""Clients whose rows hold more floats are gathered one copy each (no extra pass over large
+data); smaller ones are concatenated and gathered in one ``index_select`` (a call per client
+cost more than the copy)."""
+
+
+def _gathered(parts: list[torch.Tensor], order: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``[clients, rows, ...]``: client ``i``'s ``parts[i]`` with its rows in ``order[i]``."""
+    clients, n = order.shape
+    if parts[0].numel() > _GATHER_ONE_BY_ONE_FLOATS:
+        out = torch.empty(clients, *parts[0].shape, dtype=parts[0].dtype)
+        for i, (part, rows) in enumerate(zip(parts, order)):
+            torch.index_select(part, 0, rows, out=out[i])
+        return out
+    return torch.cat(parts).index_select(0, (order + offsets).view(-1)).view(clients, *parts[0].shape)
 
 
 def grads_pay(plan: DensePlan, start: Params, clients: int) -> bool:
@@ -186,9 +202,9 @@ def grads(plan: DensePlan, start: Params, xs: list[torch.Tensor], ys: list[torch
         for i in range(len(plan.layers) - 1, -1, -1):
             w, b = plan.layers[i]
             a = acts[i]
-            per_client = g.view(clients, rows, -1)
-            out[w] = torch.bmm(per_client.transpose(1, 2), a.view(clients, rows, -1))
-            out[b] = per_client.sum(1)
+            g_of = g.view(clients, rows, -1)  # each client's rows
+            out[w] = torch.bmm(g_of.transpose(1, 2), a.view(clients, rows, -1))
+            out[b] = g_of.sum(1)
             if i > 0:
                 g = _relu_backward(g @ start[w], a)
-    return [{k: out[k][i] for k in names(plan)} for i in range(clients)]
+    return per_client({k: out[k] for k in names(plan)}, clients)
