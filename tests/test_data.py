@@ -182,6 +182,7 @@ def test_a_gzipped_file_rewritten_in_place_is_read_anew(tmp_path, monkeypatch):
 
     calls = []
     real = gzip.decompress
+    monkeypatch.setattr(data, "_GUNZIPPED", type(data._GUNZIPPED)())  # nothing kept from other tests
     monkeypatch.setattr(data.gzip, "decompress", lambda raw: calls.append(len(raw)) or real(raw))
     path = tmp_path / "a.gz"
     first, second = np.arange(64, dtype=np.int32).reshape(8, 8), np.arange(64, 128, dtype=np.int32).reshape(8, 8)
